@@ -167,6 +167,11 @@ class _TorchUnpickler(pickle.Unpickler):
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   size, stride = tuple(size), tuple(stride)
   itemsize = storage.itemsize
+  # as_strided does not check bounds: a corrupt file must not make it read past the storage.
+  if len(size) != len(stride) or offset < 0 or min(size + stride, default=0) < 0 or (
+      all(size) and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size):
+    raise pickle.UnpicklingError(f"tensor of size {size}, stride {stride}, offset {offset} does not fit "
+                                 f"its storage of {storage.size} elements")
   if not size:
     return np.array(storage[offset])
   return np.lib.stride_tricks.as_strided(
@@ -303,8 +308,11 @@ def load_scales(path: str):
       for j, e in enumerate(header["blocks"]):
         get = lambda k: np.asarray(z[f"b{j}.{k}"]) if f"b{j}.{k}" in z.files else None
         extra = tuple(((kh, kw), z[f"b{j}.extra{k}"]) for k, (kh, kw) in enumerate(e["extra"]))
-        out[e["name"]] = CSLAScales(conv=get("conv"), pointwise=get("pointwise"), identity=e["identity"],
-                                    extra=extra, identity_init=get("identity_init"))
+        try:
+          out[e["name"]] = CSLAScales(conv=get("conv"), pointwise=get("pointwise"), identity=e["identity"],
+                                      extra=extra, identity_init=get("identity_init"))
+        except ScalesError as err:  # name the file and block, as load_torch_scales does
+          raise ScalesError(f"{path}: block {e['name']!r}: {err}") from None
       return out, header.get("metadata", {})
   except ScalesError:
     raise
