@@ -1,0 +1,28 @@
+"""Smoke test of experiments/int8_ptq.py at its tiny size: HS, two trainings, PTQ, report files."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: experiments/
+from experiments import int8_ptq  # noqa: E402
+
+
+def test_int8_ptq_tiny(tmp_path):
+  results = int8_ptq.main(["--tiny", "--out", str(tmp_path)])
+  for name in ("int8_ptq.md", "int8_ptq.png", "int8_ptq.json"):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  md = (tmp_path / "int8_ptq.md").read_text()
+  assert "git commit" in md and "| RepOpt-VGG |" in md and "| RepVGG (fused) |" in md
+  for k in ("repopt", "repvgg"):
+    r = results[k]
+    assert r["float"]["count"] == 360  # the digits test split, padding rows masked out
+    # Our own evaluation of the deployed float model reproduces the trainer's evaluation of the trained one.
+    assert abs(r["float"]["top1"] - r["trainer_eval_top1"]) < 1.5 / 360
+    for scheme, *_ in int8_ptq.SCHEMES:
+      assert 0.0 <= r[scheme]["top1"] <= 1.0
+    names = [n for n, *_ in r["kernels"]]
+    assert names[0] == "stage0/conv" and names[-1] == "linear" and len(names) == 8
+    assert all(std > 0 and ratio >= 1 for _, std, ratio in r["kernels"])
+  stored = json.loads((tmp_path / "int8_ptq.json").read_text())
+  assert set(stored["mean_kernel_std"]) == {"repopt", "repvgg"}

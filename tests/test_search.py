@@ -1,0 +1,82 @@
+"""Hyper-Search's pieces that need no training: the statistics and plots of scales (on the official B1 file and
+hand-built scales), the metadata written with searched scales, and refusing a config that is not a search."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import official_scales_file
+from repopt_jax import CSLAScales, load_scales, read_torch_state_dict
+from repopt_jax.config import ConfigError, load_config
+from repopt_jax.search import identity_variance_ratio, plot_scales, scale_stats, scales_metadata, search
+
+
+def test_identity_variance_ratio_by_hand():
+  s = CSLAScales(conv=np.array([1.0, 2.0]), pointwise=np.array([1.0, 0.0]), identity=True,
+                 identity_init=np.array([1.0, 2.0]))
+  # Channel 0: 1 / (1 + 1 + 1); channel 1: 4 / (4 + 0 + 4).
+  assert identity_variance_ratio(s) == pytest.approx((1 / 3 + 1 / 2) / 2, rel=1e-12)
+  # Without trained gamma the identity weight is 1: 1/3 and 1/5.
+  assert identity_variance_ratio(s.replace(identity_init=None)) == pytest.approx((1 / 3 + 1 / 5) / 2, rel=1e-12)
+  assert identity_variance_ratio(s.replace(identity=False, identity_init=None)) is None
+  # Negative scales count by their square.
+  assert identity_variance_ratio(s.replace(conv=np.array([-1.0, -2.0]))) == identity_variance_ratio(s)
+
+
+def test_scale_stats_of_the_official_b1_file_match_its_raw_tensors():
+  path = official_scales_file("RepOpt-VGG-B1-scales.pth")
+  scales, _ = load_scales(path)
+  stats = scale_stats(scales)
+  assert [r["block"] for r in stats] == list(scales) and len(stats) == 1 + 4 + 6 + 16 + 1
+  assert [r["depth"] for r in stats] == list(range(1, 29))
+  with_identity = [r for r in stats if r["gamma"] is not None]
+  assert len(with_identity) == 3 + 5 + 15  # every block of a stage but its first (and stage0, stage4.0)
+  assert all(r["identity_variance_ratio"] is None for r in stats if r["gamma"] is None)
+  assert all(0.0 < r["identity_variance_ratio"] < 1.0 for r in with_identity)
+
+  raw = read_torch_state_dict(path)
+  for name in ("stage1.1", "stage3.9"):
+    s = np.asarray(raw[f"{name}.scale_conv.weight"], np.float64)
+    t = np.asarray(raw[f"{name}.scale_1x1.weight"], np.float64)
+    g = np.asarray(raw[f"{name}.scale_identity.weight"], np.float64)
+    row = next(r for r in stats if r["block"] == name)
+    assert row["s"]["mean"] == pytest.approx(s.mean(), rel=1e-6) and row["s"]["max"] == pytest.approx(s.max())
+    assert row["t"]["std"] == pytest.approx(t.std(), rel=1e-5) and row["gamma"]["min"] == pytest.approx(g.min())
+    assert row["identity_variance_ratio"] == pytest.approx(np.mean(g**2 / (s**2 + t**2 + g**2)), rel=1e-6)
+
+
+def test_plot_scales_writes_two_pngs(tmp_path):
+  from matplotlib import image  # pylint: disable=g-import-not-at-top
+
+  scales, _ = load_scales(official_scales_file("RepOpt-VGG-B1-scales.pth"))
+  paths = plot_scales(scales, str(tmp_path / "plots"), title="official B1")
+  assert [os.path.basename(p) for p in paths] == ["scales_distribution.png", "identity_variance_ratio.png"]
+  dist, ratio = (image.imread(p) for p in paths)
+  # One box per block: the figure widens with the 28 blocks of B1 (0.38 in each + margins, at 100 dpi).
+  assert dist.shape[1] == int(100 * (0.38 * 28 + 2.0)) and dist.shape[0] == 900
+  assert ratio.shape[0] == 380 and ratio.shape[1] > 600
+  assert float(np.std(dist[..., :3])) > 0.05  # something was drawn
+
+
+def test_plot_scales_of_a_model_without_identity_branches(tmp_path):
+  scales = {f"stage{i}": CSLAScales(conv=np.linspace(0.5, 1.5, 4), pointwise=np.ones(4)) for i in range(3)}
+  paths = plot_scales(scales, str(tmp_path))
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_scales_metadata_records_the_architecture():
+  config = load_config("cifar100_hs")
+  meta = scales_metadata(config, in_channels=3, num_classes=100, metrics={"step": 5, "eval_top1": 0.25})
+  assert meta["arch"] == "B1" and meta["source"] == "hyper-search" and meta["dataset"] == "cifar100"
+  assert meta["arch_config"] == {"num_blocks": [4, 6, 16, 1], "widths": [128, 256, 512, 2048], "stem_width": 64,
+                                 "strides": [2, 2, 2, 2, 2]}
+  assert meta["in_channels"] == 3 and meta["num_classes"] == 100 and meta["hs_init"] == "official"
+  assert meta["step"] == 5 and meta["eval_top1"] == 0.25
+  assert load_config(meta["config"]) == config  # the whole config, loadable again
+
+
+def test_search_refuses_a_config_that_is_not_hyper_search(tmp_path):
+  with pytest.raises(ConfigError, match=r"'model.mode' = 'target'.*model.mode=hs"):
+    search("digits_tiny", str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # nothing was created
