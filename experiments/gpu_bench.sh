@@ -45,7 +45,6 @@ if [[ "$MODE" == "--dry-run" ]]; then
 fi
 
 start=$(date +%s)
-"$PYTHON" -c 'import jax; print("devices:", jax.devices())'
 echo "== 1/2 speed and memory =="
 "$PYTHON" "${SPEED[@]}" > /dev/null
 echo "== 2/2 equivalence in float32 =="

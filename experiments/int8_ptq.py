@@ -51,6 +51,7 @@ def parse_args(argv=None):
   p.add_argument("--lr", type=float, default=0.1)
   p.add_argument("--weight_decay", type=float, default=4e-5)
   p.add_argument("--calib_batches", type=int, default=4)
+  p.add_argument("--scales", default=None, help="use this scales file instead of running Hyper-Search")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data_dir", default=None)
   p.add_argument("--workdir", default=None, help="run directories (default: a temporary one, removed)")
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
   options = common.FAST_COMPILE if args.tiny else None
   workdir = args.workdir or tempfile.mkdtemp(prefix="repopt_int8_")
   try:
-    scales_path = hyper_search(args, workdir, options)
+    scales_path = args.scales or hyper_search(args, workdir, options)
     trained = train_models(args, workdir, scales_path, options)
   finally:
     if args.workdir is None:
@@ -197,8 +198,9 @@ def main(argv=None) -> dict:
   mean_std = {k: float(np.mean([s for n, s, _ in results[k]["kernels"] if n != "linear"])) for k in MODELS}
   raw_std = float(np.mean([np.asarray(b.conv.kernel[...]).std() for _, b in raw["repopt"].named_blocks()]))
   body = [
-      f"Architecture `{args.arch}` ({results['repopt']['params']} deployed params), Hyper-Search on "
-      f"`{args.search_dataset}`, both models trained on `{args.dataset}` with the same recipe and seed, evaluated "
+      f"Architecture `{args.arch}` ({results['repopt']['params']} deployed params), "
+      + (f"constants from `{args.scales}`" if args.scales else f"Hyper-Search on `{args.search_dataset}`")
+      + f", both models trained on `{args.dataset}` with the same recipe and seed, evaluated "
       f"on its `{spec.eval_split}` split ({results['repopt']['float']['count']} images). INT8: symmetric, "
       f"round-to-nearest, [-127, 127]; activations: one per-tensor scale per conv/linear input, the max over "
       f"{args.calib_batches} training batches of {args.batch_size}; BatchNorm folded into the kernels first; "

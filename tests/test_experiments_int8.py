@@ -4,12 +4,22 @@ import json
 import os
 import sys
 
+import numpy as np
+
+from repopt_jax import CSLAScales, save_scales
+from repopt_jax.models import get_arch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: experiments/
 from experiments import int8_ptq  # noqa: E402
 
 
 def test_int8_ptq_tiny(tmp_path):
-  results = int8_ptq.main(["--tiny", "--out", str(tmp_path)])
+  # Constants from a file (Hyper-Search itself runs in the ablation's smoke test).
+  rng = np.random.default_rng(0)
+  scales = {sp.name: CSLAScales(conv=rng.uniform(0.5, 1.5, sp.out_channels), pointwise=rng.uniform(0.2, 1, sp.out_channels),
+                                identity=sp.has_identity) for sp in get_arch("tiny").block_specs(1)}
+  save_scales(str(tmp_path / "scales.npz"), scales, {"arch": "tiny"})
+  results = int8_ptq.main(["--tiny", "--out", str(tmp_path), "--scales", str(tmp_path / "scales.npz")])
   for name in ("int8_ptq.md", "int8_ptq.png", "int8_ptq.json"):
     assert os.path.getsize(tmp_path / name) > 0, name
   md = (tmp_path / "int8_ptq.md").read_text()

@@ -1,6 +1,8 @@
-"""experiments/speed_memory.py: the largest-batch search against known memory curves, and a tiny-size run."""
+"""experiments/speed_memory.py: the largest-batch search against known memory curves.
 
-import json
+The script's tiny-size run is in test_experiments_gpu_bench.py (gpu_bench.sh --tiny runs it).
+"""
+
 import os
 import sys
 
@@ -40,24 +42,3 @@ def test_largest_batch_irregular_memory_and_nothing_fits():
   # Out of probes: the best batch known to fit, flagged as not exact.
   out = speed_memory.largest_batch(Curve(lambda b: 10 * b), 10 ** 6, {1: 10}, max_probes=1)
   assert out == {"batch": 2, "exact": False, "probes": 1, "bytes_per_example": None}
-
-
-def test_speed_memory_tiny(tmp_path):
-  results = speed_memory.main(["--tiny", "--out", str(tmp_path)])
-  for name in ("speed_memory.md", "speed_memory.png", "speed_memory.json"):
-    assert os.path.getsize(tmp_path / name) > 0, name
-  md = (tmp_path / "speed_memory.md").read_text()
-  assert "git commit" in md and "| tiny @32px, batch 4 |" in md
-  (res,) = results
-  runs = res["runs"]
-  for name in ("repopt", "repvgg", "plain"):
-    assert runs[name]["train_images_per_s"] > 0 and runs[name]["memory"]["total"] > 0
-  # RepVGG keeps three branches' activations and parameters: more memory and MACs than the plain conv net.
-  assert runs["repvgg"]["memory"]["total"] > runs["repopt"]["memory"]["total"]
-  assert runs["repvgg"]["train_params"] > runs["repopt"]["train_params"] == res["deployed_params"]
-  assert runs["repvgg"]["macs_per_image"] > runs["repopt"]["macs_per_image"]
-  # The deployed model is the fused RepVGG: same outputs.
-  assert res["fusion_max_rel_diff"] < 1e-5
-  for name in ("repopt", "repvgg"):
-    assert runs[name]["max_batch"]["batch"] >= res["batch"]  # the budget is twice RepVGG's memory at batch 4
-  assert json.loads((tmp_path / "speed_memory.json").read_text())["results"][0]["arch"] == "tiny"

@@ -17,6 +17,7 @@ from repopt_jax import (CSLAScales, ScalesError, flatten_scales, grad_mult, load
 from repopt_jax.models import ModelError, RepOptVGG, get_arch, reparam
 from test_models_helpers import abstract, build, copy, forward, jit, rel_err
 
+
 def ones_scales(arch, identity_init=False):
   out = {}
   for sp in get_arch(arch).block_specs():
@@ -85,6 +86,9 @@ def test_official_scales_fill_the_scales_tree(arch):
     assert covered[name.replace(".", "/") + "/conv/kernel"] is s
   # The optimizer accepts it for these params (shapes, identity branches): checked at init.
   jax.eval_shape(repopt_sgd(0.1, tree).init, nnx.as_pure(nnx.state(target, nnx.Param)))
+  if arch == "B1":  # and a csla model takes the file's scales as its constants
+    csla = nnx.eval_shape(lambda: RepOptVGG(arch, "csla", scales=scales, rngs=nnx.Rngs(0)))
+    assert csla.stage3[15].scale_conv.shape == (512,)
 
 
 def test_check_scales_refuses_another_architecture():

@@ -31,7 +31,8 @@ def test_block_names_follow_the_official_code():
   assert len(names) == 1 + 4 + 6 + 16 + 1
   specs = {sp.name: sp for sp in model.block_specs}
   # Widths and strides of the paper: stage0 min(64, 64a); every stage opens with stride 2.
-  assert (specs["stage0"].out_channels, specs["stage1.0"].out_channels, specs["stage4.0"].out_channels) == (64, 128, 2048)
+  widths = [specs[b].out_channels for b in ("stage0", "stage1.0", "stage2.0", "stage3.0", "stage4.0")]
+  assert widths == [64, 128, 256, 512, 2048]
   assert [sp.stride for sp in model.block_specs if sp.index == 0] == [2, 2, 2, 2, 2]
   assert {sp.name for sp in model.block_specs if sp.has_identity} == {
       f"stage{s}.{i}" for s, n in zip(range(1, 5), (4, 6, 16, 1)) for i in range(1, n)}

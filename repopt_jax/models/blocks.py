@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+
 def conv_kernel_init(key, shape, dtype=jnp.float32):
   """PyTorch's default conv/linear weight init (`kaiming_uniform_(a=sqrt(5))`): `U(+-1/sqrt(fan_in))`.
 
@@ -63,7 +64,7 @@ def torch_linear_bias_init(fan_in: int):
   bound = 1.0 / float(fan_in) ** 0.5
 
   def init(key, shape, dtype=jnp.float32):
-    return nnx.initializers.uniform(2 * bound)(key, shape, dtype) - jnp.asarray(bound, dtype)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
 
