@@ -112,13 +112,18 @@ def train_models(args, workdir: str, scales_path: str, options) -> dict:
   return out
 
 
+def forward_order(names) -> list:
+  """RepOpt-VGG layer names in forward order: stages and blocks numerically, the head last."""
+  natural = lambda n: [int(p) if p.isdigit() else p for p in n.split("/")]
+  return sorted(names, key=lambda n: (n == "linear", natural(n)))
+
+
 def kernel_stats(model) -> list:
   """Per conv/linear layer of a deployed model: `(name, std, max|w| / std)` of its kernel."""
   from repopt_jax import quant  # pylint: disable=g-import-not-at-top
   rows = []
-  natural = lambda n: [int(p) if p.isdigit() else p for p in n.replace(".", "/").split("/")]
   layers = quant.quantizable_layers(model)
-  for name in sorted(layers, key=lambda n: (n == "linear", natural(n))):
+  for name in forward_order(layers):
     layer = layers[name]
     w = np.asarray(layer.kernel[...], np.float64)
     rows.append((name, float(w.std()), float(np.abs(w).max() / w.std())))
@@ -129,7 +134,7 @@ def plot_histograms(path: str, deployed: dict) -> None:
   plt = common.setup_matplotlib()
   from repopt_jax import quant  # pylint: disable=g-import-not-at-top
   layers = {k: quant.quantizable_layers(m) for k, m in deployed.items()}
-  names = [n for n in layers["repopt"] if n != "linear"]
+  names = [n for n in forward_order(layers["repopt"]) if n != "linear"]
   pick = [names[0], names[len(names) // 2], names[-2] if len(names) > 2 else names[-1]]
   fig, axes = plt.subplots(1, 1 + len(pick), figsize=(4.2 * (1 + len(pick)), 3.6))
   colors = {"repopt": "tab:green", "repvgg": "tab:red"}
@@ -138,7 +143,10 @@ def plot_histograms(path: str, deployed: dict) -> None:
     for k in ("repvgg", "repopt"):
       ws = [np.asarray(layers[k][n].kernel[...]).ravel() for n in (names if sel is None else [sel])]
       w = np.concatenate(ws)
-      ax.hist(w, bins=120, color=colors[k], alpha=0.55, label=f"{labels[k]}, std {w.std():.4f}", log=True)
+      # One step artist per histogram (ax.hist draws a patch per bin: slow to lay out).
+      counts, edges = np.histogram(w, bins=120)
+      ax.stairs(counts, edges, fill=True, color=colors[k], alpha=0.45, label=f"{labels[k]}, std {w.std():.4f}")
+    ax.set_yscale("log")
     ax.set_title("all conv kernels" if sel is None else sel)
     ax.set_xlabel("weight")
     ax.legend(fontsize=7)

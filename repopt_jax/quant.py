@@ -112,6 +112,12 @@ def fake_quant(x: jax.Array, scale: jax.Array, num_bits: int = 8) -> jax.Array:
   return dequantize(quantize(x, scale, num_bits), scale, jnp.asarray(x).dtype)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fake_quant_kernel(w, per_channel: bool, num_bits: int):
+  # One compiled program per kernel shape instead of a dozen eager ops per layer.
+  return fake_quant(w, absmax_scale(w, per_channel, num_bits), num_bits)
+
+
 class QuantizedInput(nnx.Module):
   """Wraps a conv/linear layer; its input is observed (`'observe'`) or fake-quantized (`'quantize'`).
 
@@ -259,7 +265,7 @@ def quantize_model(model: nnx.Module, act_ranges: Optional[Mapping[str, float]] 
   out = nnx.clone(model)
   for name, layer in quantizable_layers(out).items():
     w = layer.kernel[...]
-    layer.kernel[...] = fake_quant(w, absmax_scale(w, per_channel, num_bits), num_bits).astype(w.dtype)
+    layer.kernel[...] = _fake_quant_kernel(w, per_channel, int(num_bits)).astype(w.dtype)
     if act_ranges is not None:
       _replace(out, name, QuantizedInput(layer, "quantize", act_ranges[name], num_bits))
   out.eval()
