@@ -30,17 +30,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
+sys.path.insert(0, os.path.dirname(HERE))
 
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
+from experiments.common import cpu_model  # noqa: E402
 
 
 def _build_cifar_like(data_dir: str):
@@ -143,7 +135,7 @@ def main(argv=None):
               "normalisation, float32, image_size 32, batch 128)",
       "command": "python " + " ".join([os.path.relpath(__file__, os.path.dirname(HERE))] + sys.argv[1:]),
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "hardware": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+      "hardware": {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
                    "loadavg_before": [round(x, 2) for x in load_before],
                    "loadavg_after": [round(x, 2) for x in load_after]},
       "image_decoder": decoder,

@@ -13,6 +13,7 @@ import optax
 
 from conftest import x64
 from repopt_jax import CSLAScales, csla_init, repopt_adamw
+from test_optim_sgd import train  # the scan-compiled training loop both optimizers share
 
 
 def conv(x, w, stride=1):
@@ -39,21 +40,6 @@ def single_loss(p, x, target, *, stride):
 
 
 # These programs are tiny and compiled once each: LLVM's optimisation passes would dominate the run time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1), compiler_options=FAST_COMPILE)
-def train(loss_fn, tx, params, xs, ts):
-  def step(carry, batch):
-    p, state = carry
-    g = jax.grad(loss_fn)(p, *batch)
-    u, state = tx.update(g, state, p)
-    return (optax.apply_updates(p, u), state), None
-
-  (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), (xs, ts))
-  return p
-
-
 def equivalent_kernel(p, s, t, identity):
   w = np.asarray(p["w3"], np.float64) * s
   w[1, 1] += np.asarray(p["w1"], np.float64)[0, 0] * t
