@@ -145,6 +145,57 @@ def plot(path: str, table: dict, rows) -> None:
   plt.close(fig)
 
 
+def write_report(args, info, rows, table: dict, seconds: dict, search_info: dict, spec) -> dict:
+  """Writes ablation.{md,json,png} for the seeds finished so far; returns the row order (best first)."""
+  seeds = args.seeds[:min(len(v) for v in table.values())]
+  if not seeds:
+    raise RuntimeError("ablation: no seed finished every row; nothing to report")
+  table = {k: v[:len(seeds)] for k, v in table.items()}
+  means = {k: float(np.mean(v)) for k, v in table.items()}
+  order = sorted(means, key=means.get, reverse=True)
+  paper_order = [r[0] for r in sorted(rows, key=lambda r: -r[5])]
+  out_rows = []
+  for key, label, optim, kind, reinit, paper in rows:
+    v = np.asarray(table[key]) * 100
+    out_rows.append([label] + [x for x in v] + [v.mean(), v.std(ddof=1) if len(v) > 1 else None,
+                                                order.index(key) + 1, paper, paper_order.index(key) + 1])
+  headers = (["row"] + [f"seed {s} %" for s in seeds]
+             + ["mean %", "std %", "rank", "paper % (ImageNet B1)", "paper rank"])
+  full = np.asarray(table.get("full", [np.nan]))
+  gaps = []
+  if "full" in table:
+    for key, label, *_ in rows:
+      if key != "full":
+        d = (full - np.asarray(table[key])) * 100
+        gaps.append([label, d.mean(), d.std(ddof=1) if len(d) > 1 else None, int(np.sum(d > 0)), len(d)])
+  spreads = [np.std(v, ddof=1) * 100 for v in table.values() if len(v) > 1]
+  body = [
+      f"Hyper-Search of `{args.arch}` on `{args.search_dataset}` ({search_info}); every row trains `{args.arch}` "
+      f"on `{args.dataset}` for {args.steps or args.epochs} {'steps' if args.steps else 'epochs'}, batch "
+      f"{args.batch_size}, lr {args.lr} (warm-up {args.warmup_epochs} epochs, cosine), weight decay "
+      f"{args.weight_decay}, Nesterov 0.9, seeds {seeds} (of {args.seeds} asked); top-1 on the "
+      f"`{spec.eval_split}` split.",
+      "## Top-1 per row\n\n" + common.md_table(headers, out_rows),
+      f"Ordering here (best first): {', '.join(order)}. The paper's: {', '.join(paper_order)}. "
+      + (f"Seed-to-seed standard deviation of a row: {common.fmt(min(spreads))} to {common.fmt(max(spreads))} "
+         f"points (median {common.fmt(float(np.median(spreads)))})." if spreads else "One seed: no spread."),
+  ]
+  if gaps:
+    body.append("## Full method minus each row, paired by seed (points)\n\n" + common.md_table(
+        ["row", "mean gap", "std of gap", "seeds where full is better", "seeds"], gaps))
+  body.append("Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
+  body.append("![ablation](ablation.png)")
+  os.makedirs(args.out, exist_ok=True)
+  plot(os.path.join(args.out, "ablation.png"), table, rows)
+  config = {k: v for k, v in vars(args).items() if k != "out"}
+  common.write_markdown(os.path.join(args.out, "ablation.md"), "Ablation of the constants (paper Fig. 7)", info,
+                        config, "\n\n".join(body))
+  common.write_json(os.path.join(args.out, "ablation.json"), {"info": vars(info), "config": config,
+                                                              "top1": table, "search": search_info,
+                                                              "seconds": seconds, "order": order})
+  return {"order": order, "body": body}
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   from repopt_jax import data, load_scales, save_scales  # pylint: disable=g-import-not-at-top
@@ -190,53 +241,14 @@ def main(argv=None) -> dict:
         table[key].append(float(metrics["eval_top1"]))
         seconds[f"{key}/{seed}"] = time.perf_counter() - t0
         log(f"seed {seed} {key}: top-1 {100 * metrics['eval_top1']:.2f}% ({seconds[f'{key}/{seed}']:.0f} s)")
+      write_report(args, info, rows, table, seconds, search_info, spec)  # whole seeds so far
   finally:
     if args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)
 
-  means = {k: float(np.mean(v)) for k, v in table.items()}
-  order = sorted(means, key=means.get, reverse=True)
-  paper_order = [r[0] for r in sorted(rows, key=lambda r: -r[5])]
-  out_rows = []
-  for key, label, optim, kind, reinit, paper in rows:
-    v = np.asarray(table[key]) * 100
-    out_rows.append([label] + [x for x in v] + [v.mean(), v.std(ddof=1) if len(v) > 1 else None,
-                                                order.index(key) + 1, paper, paper_order.index(key) + 1])
-  headers = (["row"] + [f"seed {s} %" for s in args.seeds]
-             + ["mean %", "std %", "rank", "paper % (ImageNet B1)", "paper rank"])
-  full = np.asarray(table.get("full", [np.nan]))
-  gaps = []
-  if "full" in table:
-    for key, label, *_ in rows:
-      if key != "full":
-        d = (full - np.asarray(table[key])) * 100
-        gaps.append([label, d.mean(), d.std(ddof=1) if len(d) > 1 else None, int(np.sum(d > 0)), len(d)])
-  spreads = [np.std(v, ddof=1) * 100 for v in table.values() if len(v) > 1]
-  body = [
-      f"Hyper-Search of `{args.arch}` on `{args.search_dataset}` ({search_info}); every row trains `{args.arch}` "
-      f"on `{args.dataset}` for {args.steps or args.epochs} {'steps' if args.steps else 'epochs'}, batch "
-      f"{args.batch_size}, lr {args.lr} (warm-up {args.warmup_epochs} epochs, cosine), weight decay "
-      f"{args.weight_decay}, Nesterov 0.9, seeds {args.seeds}; top-1 on the `{spec.eval_split}` split.",
-      "## Top-1 per row\n\n" + common.md_table(headers, out_rows),
-      f"Ordering here (best first): {', '.join(order)}. The paper's: {', '.join(paper_order)}. "
-      + (f"Seed-to-seed standard deviation of a row: {common.fmt(min(spreads))} to {common.fmt(max(spreads))} "
-         f"points (median {common.fmt(float(np.median(spreads)))})." if spreads else "One seed: no spread."),
-  ]
-  if gaps:
-    body.append("## Full method minus each row, paired by seed (points)\n\n" + common.md_table(
-        ["row", "mean gap", "std of gap", "seeds where full is better", "seeds"], gaps))
-  body.append("Wall time per run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + ".")
-  body.append("![ablation](ablation.png)")
-  os.makedirs(args.out, exist_ok=True)
-  plot(os.path.join(args.out, "ablation.png"), table, rows)
-  config = {k: v for k, v in vars(args).items() if k != "out"}
-  common.write_markdown(os.path.join(args.out, "ablation.md"), "Ablation of the constants (paper Fig. 7)", info,
-                        config, "\n\n".join(body))
-  common.write_json(os.path.join(args.out, "ablation.json"), {"info": vars(info), "config": config,
-                                                              "top1": table, "search": search_info,
-                                                              "seconds": seconds, "order": order})
-  print("\n\n".join(body[:4]))
-  return {"top1": table, "order": order, "search": search_info}
+  report = write_report(args, info, rows, table, seconds, search_info, spec)
+  print("\n\n".join(report["body"][:4]))
+  return {"top1": table, "order": report["order"], "search": search_info}
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def parse_args(argv=None):
   p.add_argument("--scale_sets", nargs="+", choices=SCALE_SETS, default=list(SCALE_SETS))
   p.add_argument("--float64", choices=("none", "sgd", "all"), default="all",
                  help="also run the SGD (and exact AdamW) pairs in float64, where rounding is 1e-16")
-  p.add_argument("--tiny", action="store_true", help="smoke-test size: 4 steps, batch 8, probe 8, signed only, no float64, fast compile")
+  p.add_argument("--tiny", action="store_true",
+                 help="smoke-test size: 4 steps, batch 8, probe 8, signed only, no float64, fast compile")
   args = p.parse_args(argv)
   if args.tiny:
     args.steps, args.batch_size, args.probe_size, args.scale_sets, args.float64 = 4, 8, 8, ["signed"], "none"

@@ -7,7 +7,8 @@ For each architecture, at one image size and batch, three runs of the trainer's 
 * `plain`: the same `target` model trained by plain SGD (the Grad Mult's cost: ratio repopt/plain ~ 1).
 
 Measured: train images/s (best of several timed rounds, runs interleaved so that load on shared machines
-hits all of them alike), the compiled memory of the train step from XLA's memory analysis of the jitted
+hits all of them alike; on CPU also images per CPU-second of this process, which other jobs barely
+disturb, and the CPU ratios use those), the compiled memory of the train step from XLA's memory analysis of the jitted
 step (arguments + outputs + temporaries - aliased; the state is donated so it counts once), the largest batch
 whose compiled step fits a memory budget (a search on the compiled memory analysis, seeded by a linear fit,
 nothing is run), and inference images/s of the deployed model (`reparam.fuse_repvgg` of the RepVGG, the
@@ -66,7 +67,8 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=common.RESULTS)
   p.add_argument("--tag", default=None, help="report name suffix (default: '_gpu' on GPU, '' on CPU)")
-  p.add_argument("--tiny", action="store_true", help="smoke-test size: the tiny arch, batch 4, 2 steps, 1 round, 1 probe, fast compile")
+  p.add_argument("--tiny", action="store_true",
+                 help="smoke-test size: the tiny arch, batch 4, 2 steps, 1 round, 1 probe, fast compile")
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   args.on_gpu = jax.default_backend() == "gpu"

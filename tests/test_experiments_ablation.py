@@ -52,8 +52,8 @@ def test_reinit_switch_of_the_rows():
                       in_channels=1)
   masks_only = build_model(ablation.run_config(args, "repopt_sgd", "x.npz", False, 0, "digits", steps=3), scales,
                            num_classes=10, in_channels=1)
-  full = build_model(ablation.run_config(args, "repopt_sgd", "x.npz", True, 0, "digits", steps=3), scales, num_classes=10,
-                     in_channels=1)
+  full = build_model(ablation.run_config(args, "repopt_sgd", "x.npz", True, 0, "digits", steps=3), scales,
+                     num_classes=10, in_channels=1)
   np.testing.assert_array_equal(kernel(masks_only), kernel(plain))
   # Re-initialised: the identity gamma(0) sits on the centre tap's diagonal, the 3x3 part is s-scaled.
   k = kernel(full)

@@ -16,8 +16,9 @@ from experiments import int8_ptq  # noqa: E402
 def test_int8_ptq_tiny(tmp_path):
   # Constants from a file (Hyper-Search itself runs in the ablation's smoke test).
   rng = np.random.default_rng(0)
-  scales = {sp.name: CSLAScales(conv=rng.uniform(0.5, 1.5, sp.out_channels), pointwise=rng.uniform(0.2, 1, sp.out_channels),
-                                identity=sp.has_identity) for sp in get_arch("tiny").block_specs(1)}
+  scales = {sp.name: CSLAScales(conv=rng.uniform(0.5, 1.5, sp.out_channels),
+                                pointwise=rng.uniform(0.2, 1, sp.out_channels), identity=sp.has_identity)
+            for sp in get_arch("tiny").block_specs(1)}
   save_scales(str(tmp_path / "scales.npz"), scales, {"arch": "tiny"})
   results = int8_ptq.main(["--tiny", "--out", str(tmp_path), "--scales", str(tmp_path / "scales.npz")])
   for name in ("int8_ptq.md", "int8_ptq.png", "int8_ptq.json"):
