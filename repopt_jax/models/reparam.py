@@ -25,6 +25,7 @@ from flax import nnx
 
 from repopt_jax.models import blocks as blocks_lib
 from repopt_jax.models.vgg import ModelError, RepOptVGG, VGGConfig, check_scales_for, get_arch
+from repopt_jax.optim import path_str
 from repopt_jax.rules import check_kernel, csla_init
 from repopt_jax.scales import CSLAScales, ScalesError
 
@@ -92,7 +93,7 @@ def check_scales(arch_or_model: Union[str, VGGConfig, RepOptVGG], scales: Mappin
 
 def _kernel_block(path) -> Optional[str]:
   """The official block name if `path` is a block's 3x3 kernel ('stage1/0/conv/kernel'), else None."""
-  names = [str(getattr(k, "key", k)) for k in path]
+  names = path_str(path).split("/")
   if len(names) >= 3 and names[-2:] == ["conv", "kernel"]:
     head = names[:-2]
     if head == ["stage0"]:
