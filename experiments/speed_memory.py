@@ -26,6 +26,7 @@ Usage: python experiments/speed_memory.py [--gpu] [--archs B1:224:32:20 ...] [--
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -63,6 +64,10 @@ def parse_args(argv=None):
                  help="budget for the largest batch; default 11 on GPU, else twice the RepVGG step's memory")
   p.add_argument("--max_probes", type=int, default=8, help="compilations allowed per largest-batch search")
   p.add_argument("--no_max_batch", action="store_true", help="skip the largest-batch search")
+  p.add_argument("--probe_options", default=None,
+                 help="JSON dict of XLA options for the largest-batch probes only (e.g. "
+                      "'{\"xla_gpu_autotune_level\": 0}': memory needs no conv autotuning)")
+  p.add_argument("--no_inference", action="store_true", help="skip the inference comparison")
   p.add_argument("--infer_steps", type=int, default=None, help="timed inference batches (default: timed steps)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=common.RESULTS)
@@ -198,7 +203,10 @@ def time_rounds(fns: dict, steps: int, rounds: int) -> dict:
   return best
 
 
-def bench_arch(args, arch: str, image_size: int, batch: int, steps: int, mesh, log) -> dict:
+def bench_arch(args, arch: str, image_size: int, batch: int, steps: int, mesh, log, known_memory=None,
+               max_batch: bool = True) -> dict:
+  """One ARCH:IMAGE_SIZE:BATCH entry. `known_memory`: `{run: {batch: bytes}}` of earlier entries of the same
+  arch and size, which seed the largest-batch search (run only when `max_batch`)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from repopt_jax import data, train  # pylint: disable=g-import-not-at-top
@@ -239,19 +247,27 @@ def bench_arch(args, arch: str, image_size: int, batch: int, steps: int, mesh, l
   budget = (args.memory_budget_gib * GIB if args.memory_budget_gib
             else 2 * res["runs"]["repvgg"]["memory"]["total"])
   res["memory_budget_bytes"] = int(budget)
-  if not args.no_max_batch:
+  if not args.no_max_batch and max_batch:
+    probe_options = json.loads(args.probe_options) if args.probe_options else None
     for name in ("repopt", "repvgg"):
       st = steppers[name]
 
       def memory_of(b, st=st):
         abstract = {"image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32),
                     "label": jax.ShapeDtypeStruct((b,), np.int32)}
-        return compiled_memory(st.compiled(abstract))["total"]
+        if probe_options is None:
+          return compiled_memory(st.compiled(abstract))["total"]
+        return compiled_memory(st.step_fn.lower(st.state, abstract).compile(probe_options))["total"]
 
-      found = largest_batch(memory_of, budget, {batch: res["runs"][name]["memory"]["total"]}, args.max_probes)
+      known = {**(known_memory or {}).get(name, {}), batch: res["runs"][name]["memory"]["total"]}
+      found = largest_batch(memory_of, budget, known, args.max_probes)
+      found["seed_batches"] = sorted(known)
       res["runs"][name]["max_batch"] = found
       log(f"{arch} {name}: largest batch within {budget / GIB:.2f} GiB: {found}")
 
+  if args.no_inference:
+    res["deployed_params"] = count_params(reparam.fuse_repvgg(steppers["repvgg"].model()))
+    return res
   # Inference: the deployed (fused) network against the un-fused RepVGG, eval mode, same batch.
   repvgg = steppers["repvgg"].model()
   fused = reparam.fuse_repvgg(repvgg)
@@ -290,6 +306,8 @@ def report_rows(results, cpu: bool):
     mb = {k: runs[k].get("max_batch", {}).get("batch") for k in ("repopt", "repvgg")}
     memory.append([tag, mem["repopt"], mem["repvgg"], mem["plain"], r(mem["repopt"], mem["repvgg"]),
                    res["memory_budget_bytes"] / GIB, mb["repopt"], mb["repvgg"], r(mb["repopt"], mb["repvgg"])])
+    if "inference_images_per_s" not in res:  # --no_inference
+      continue
     inf = res["inference_images_per_cpu_s" if cpu else "inference_images_per_s"]
     infer.append([tag, res["inference_images_per_s"]["deployed"], res["inference_images_per_s"]["repvgg_unfused"],
                   r(inf["deployed"], inf["repvgg_unfused"]), res["deployed_params"], runs["repvgg"]["train_params"],
@@ -326,7 +344,16 @@ def main(argv=None) -> list:
       sys.argv[1:] if argv is None else argv))
   mesh = train.make_mesh(jax.devices()[:1])
   log = lambda msg: print(msg, flush=True)
-  results = [bench_arch(args, *entry, mesh, log) for entry in args.entries]
+  # The largest-batch search of an arch/size runs once, at its last entry, seeded with the compiled memory of
+  # all its entries (e.g. batches 32, 64, 128: the linear fit then needs one or two probes).
+  last = {(a, s): i for i, (a, s, _, _) in enumerate(args.entries)}
+  known, results = {}, []
+  for i, entry in enumerate(args.entries):
+    key = entry[:2]
+    res = bench_arch(args, *entry, mesh, log, known_memory=known.get(key), max_batch=last[key] == i)
+    for name, run in res["runs"].items():
+      known.setdefault(key, {}).setdefault(name, {})[entry[2]] = run["memory"]["total"]
+    results.append(res)
   cpu = jax.default_backend() == "cpu"
   speed, memory, infer = report_rows(results, cpu)
   per = "img/CPU-s" if cpu else "img/s"

@@ -1,6 +1,6 @@
 """The command line: `python -m repopt_jax COMMAND ...` (or the `repopt-jax` console script).
 
-Commands: `quickstart`, `search`, `train`, `eval`, `fuse` (see `repopt-jax --help`). Every command takes a
+Commands: `quickstart`, `search`, `train`, `eval`, `fuse`, `export` (see `repopt-jax --help`). Every command takes a
 config (a shipped name such as `digits_tiny` or a JSON path) and `section.key=value` overrides, either
 positional or with `--set`. A user error (bad config key, missing or foreign scales file, unprepared dataset,
 unwritable directory, NaN loss, ...) is reported as one line `error: ...` on stderr with exit status 2.
@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser", "parse_args", "train_config", "COMMANDS"]
 
-COMMANDS = ("quickstart", "search", "train", "eval", "fuse")
+COMMANDS = ("quickstart", "search", "train", "eval", "fuse", "export")
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 _EPILOG = """\
@@ -34,6 +34,9 @@ examples (run from anywhere; configs are shipped names or JSON files):
   python -m repopt_jax train digits_tiny model.mode=repvgg --workdir runs/repvgg
   python -m repopt_jax fuse --workdir runs/repvgg --out runs/repvgg_deploy
       RepVGG baseline, then its branches fused into one 3x3 conv per block
+  python -m repopt_jax export --workdir runs/repopt --out deploy/repopt_int8.onnx --int8
+  python -m repopt_jax eval --onnx deploy/repopt_int8.onnx --workdir runs/repopt
+      deployment: ONNX (fp32, or INT8 by onnxruntime) or --format stablehlo; the ONNX file evaluated
   python -m repopt_jax train imagenet_repopt_b1 --scales RepOpt-VGG-B1-scales.pth data.data_dir=/data/tfds
       the paper's ImageNet run with the official scales (GPU/TPU; several hosts: set JAX_COORDINATOR_ADDRESS,
       JAX_NUM_PROCESSES, JAX_PROCESS_ID and start the same command on every host)
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
   _common(p, "digits_tiny")
   p.add_argument("--scales", metavar="FILE", help="train RepOpt-VGG with these scales (.npz or official .pth)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.add_argument("--fresh", action="store_true",
+                 help="start over from step 0 even if WORKDIR holds checkpoints (e.g. when none can be read); "
+                      "the old checkpoints/, metrics.jsonl and tensorboard/ are moved aside to *.old")
 
   p = _add(sub, "eval", help="evaluate a run directory's newest checkpoint",
                      description="Evaluates the newest checkpoint of a run on its config's eval split.",
@@ -141,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
           config_help="the run's config (default: WORKDIR/config.json), then overrides such as "
                       "data.eval_split=train")
   p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+  p.add_argument("--onnx", metavar="FILE",
+                 help="evaluate this exported ONNX file (fp32 or INT8) with onnxruntime on the run's test split "
+                      "instead of the checkpoint")
 
   p = _add(sub, "fuse", help="fuse a trained RepVGG run into a plain model run",
                      description="Structural re-parameterization of a trained RepVGG run: every block's "
@@ -150,7 +159,35 @@ def build_parser() -> argparse.ArgumentParser:
   _common(p, None, workdir="required",
           config_help="the run's config (default: WORKDIR/config.json), then overrides")
   p.add_argument("--out", "-o", metavar="DIR", help="the deployment run directory (default: WORKDIR_deploy)")
+  _add_export(sub)
   return parser
+
+
+def _add_export(sub) -> None:
+  p = _add(sub, "export", help="export a trained run to ONNX (fp32 or INT8) or StableHLO",
+           description="Exports the eval-mode network of a trained run (RepOpt-VGG or plain VGG in target mode, "
+                       "a RepVGG run fused first) with BatchNorm folded into the convs: one conv + bias + ReLU "
+                       "per block, global average pooling, a dense head. ONNX (opset 17) is read by "
+                       "onnxruntime, TensorRT and OpenVINO; --int8 quantizes it with onnxruntime's static "
+                       "quantization (QDQ, symmetric int8 weights, MinMax calibration on training images). "
+                       "StableHLO is a serialized jax.export module. The run directory is only read.",
+           epilog="examples:\n  python -m repopt_jax export --workdir runs/repopt --out deploy/repopt.onnx\n"
+                  "  python -m repopt_jax export --workdir runs/repopt --out deploy/repopt_int8.onnx --int8\n"
+                  "  python -m repopt_jax eval --onnx deploy/repopt_int8.onnx --workdir runs/repopt\n"
+                  "  python -m repopt_jax export --workdir runs/repvgg --out deploy/repvgg.stablehlo "
+                  "--format stablehlo")
+  p.add_argument("--workdir", "-w", required=True, metavar="DIR", help="the trained run directory (read-only)")
+  p.add_argument("--out", "-o", required=True, metavar="FILE", help="the file to write (its folder is created)")
+  p.add_argument("--format", "-f", default="onnx", choices=("onnx", "stablehlo"), help="default: onnx")
+  p.add_argument("--int8", action="store_true", help="ONNX only: static INT8 quantization with onnxruntime")
+  p.add_argument("--per-channel", action="store_true", help="INT8 weights per output channel (default: per tensor)")
+  p.add_argument("--calibration-images", type=int, default=256, metavar="N",
+                 help="training images for the INT8 calibration (default: 256)")
+  p.add_argument("--batch-size", default="dynamic", metavar="B|dynamic", help="the input batch (default: dynamic)")
+  p.add_argument("--layout", default="nhwc", choices=("nhwc", "nchw"), help="input layout (default: nhwc)")
+  p.add_argument("--platforms", metavar="LIST",
+                 help="StableHLO only: comma-separated jax.export platforms, e.g. cpu,cuda (default: this machine's)")
+  p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _split_items(items: Sequence[str], sets: Sequence[str], default: Optional[str]):
@@ -182,18 +219,19 @@ def train_config(config, overrides: Sequence[str] = (), scales: Optional[str] = 
   Raises:
     ScalesError: no such scales file. ConfigError: invalid config, or one that cannot take scales.
   """
-  from repopt_jax import ScalesError, load_scales  # pylint: disable=g-import-not-at-top
+  from repopt_jax import ScalesError  # pylint: disable=g-import-not-at-top
   from repopt_jax.config import ConfigError, load_config  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models.reparam import check_scales  # pylint: disable=g-import-not-at-top
 
   if scales is None:
     return load_config(config, overrides), []
+  from repopt_jax.models.reparam import check_scales  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(scales))
   if not os.path.isfile(path):
     raise ScalesError(f"{scales}: no such scales file (--scales)")
   cfg = load_config(config, list(overrides) + [f"scales={json.dumps(path)}"])
   # Scales of another architecture are refused here, before any data or model is built.
-  check_scales(cfg.model.arch, load_scales(path)[0])
+  from repopt_jax.train.state import load_run_scales  # pylint: disable=g-import-not-at-top
+  check_scales(cfg.model.arch, load_run_scales(cfg))
   notes = []
   mode, name = cfg.model.mode, cfg.optim.name
   if mode == "csla":
@@ -221,7 +259,18 @@ def _user_errors() -> tuple:
   from repopt_jax.data import DatasetError  # pylint: disable=g-import-not-at-top
   from repopt_jax.models import ModelError  # pylint: disable=g-import-not-at-top
   from repopt_jax.train import NonFiniteLossError, WorkdirError  # pylint: disable=g-import-not-at-top
-  return (ConfigError, ScalesError, DatasetError, ModelError, WorkdirError, NonFiniteLossError)
+  from repopt_jax.export import ExportError  # pylint: disable=g-import-not-at-top
+  from repopt_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  return (ConfigError, ScalesError, DatasetError, ModelError, WorkdirError, NonFiniteLossError, ExportError,
+          CheckpointError)
+
+
+def _is_user_error(error: BaseException) -> bool:
+  """One of `_user_errors()`, told by class name so that a one-line error does not import the modules that
+  define them all (seconds of jax, orbax, tfds) just to compare."""
+  names = ("ConfigError", "ScalesError", "DatasetError", "ModelError", "WorkdirError", "NonFiniteLossError",
+           "ExportError", "CheckpointError")
+  return any(c.__name__ in names and c.__module__.startswith("repopt_jax") for c in type(error).__mro__)
 
 
 def _say(msg: str) -> None:
@@ -244,8 +293,10 @@ def _metrics_line(m: dict) -> str:
 def _cmd_quickstart(args) -> int:
   from repopt_jax import quickstart as qs  # pylint: disable=g-import-not-at-top
 
+  _enable_compilation_cache()
   config, overrides = _split_items(args.items, args.sets, qs.DEFAULT_CONFIG)
   result = qs.quickstart(args.out, config=config, overrides=overrides, progress=not args.no_progress,
+                         tensorboard=True,
                          compiler_options=FAST_COMPILE if args.fast_compile else None, log=_say)
   print(result.table)
   print(f"\nwall time {result.seconds:.0f} s; table: {result.files['markdown']} and {result.files['json']}; "
@@ -259,6 +310,7 @@ def _cmd_search(args) -> int:
   from repopt_jax.runs import write_run_config  # pylint: disable=g-import-not-at-top
   from repopt_jax.search import search  # pylint: disable=g-import-not-at-top
 
+  _enable_compilation_cache()
   name, overrides = _split_items(args.items, args.sets, "digits_tiny_hs")
   config = load_config(name, overrides)
   workdir = _workdir(args, name)
@@ -266,6 +318,11 @@ def _cmd_search(args) -> int:
     write_run_config(config, workdir)
   result = search(config, workdir, scales_path=args.out, plots=not args.no_plots, progress=not args.no_progress,
                   compiler_options=FAST_COMPILE if args.fast_compile else None)
+  if result.metrics.get("preempted"):
+    status = int(result.metrics.get("exit_status", 143))
+    print(f"stopped by {result.metrics.get('signal')} at step {result.metrics['step']}; checkpoint saved in "
+          f"{workdir}: run the same command again to resume (exit status {status})")
+    return status
   meta = result.metadata
   print(f"Hyper-Search {meta['arch']} on {meta['dataset']}: {_metrics_line(result.metrics)}")
   print(f"scales: {result.scales_path} ({len(result.scales)} blocks)")
@@ -278,30 +335,42 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_train(args) -> int:
-  from repopt_jax.runs import write_run_config  # pylint: disable=g-import-not-at-top
-  from repopt_jax.train import Trainer  # pylint: disable=g-import-not-at-top
-
   name, overrides = _split_items(args.items, args.sets, "digits_tiny")
   config, notes = train_config(name, overrides, args.scales)
+  from repopt_jax.train import Trainer  # pylint: disable=g-import-not-at-top
   workdir = _workdir(args, name)
+  _enable_compilation_cache()
   trainer = Trainer(config, workdir, progress=not args.no_progress,
-                    compiler_options=FAST_COMPILE if args.fast_compile else None)
+                    compiler_options=FAST_COMPILE if args.fast_compile else None, fresh=args.fresh,
+                    write_config=True)
   for note in notes:
     _say(note)
-  write_run_config(config, workdir)
   metrics = trainer.fit()
   if metrics.get("preempted"):
+    status = int(metrics.get("exit_status", 143))
     print(f"stopped by {metrics.get('signal')} at step {metrics['step']}; checkpoint saved in {trainer.workdir}: "
-          "run the same command again to resume")
+          f"run the same command again to resume (exit status {status})")
+    return status
+  if metrics.get("already_finished"):
+    print(f"already finished at step {metrics['step']}; nothing to train ({trainer.workdir}; "
+          f"python -m repopt_jax eval --workdir {trainer.workdir} evaluates it)")
     return 0
   print(f"{trainer.summary['arch']} ({config.model.mode}, {config.optim.name}): {_metrics_line(metrics)}")
   print(f"run directory: {trainer.workdir}")
   return 0
 
 
+def _enable_compilation_cache() -> None:
+  from repopt_jax.config import enable_compilation_cache  # pylint: disable=g-import-not-at-top
+  enable_compilation_cache()
+
+
 def _cmd_eval(args) -> int:
   from repopt_jax.runs import evaluate_run  # pylint: disable=g-import-not-at-top
 
+  _enable_compilation_cache()
+  if args.onnx:
+    return _cmd_eval_onnx(args)
   config, overrides = _split_items(args.items, args.sets, None)
   m = evaluate_run(args.workdir, config, overrides=overrides,
                    compiler_options=FAST_COMPILE if args.fast_compile else None)
@@ -315,6 +384,7 @@ def _cmd_eval(args) -> int:
 def _cmd_fuse(args) -> int:
   from repopt_jax.runs import fuse_run  # pylint: disable=g-import-not-at-top
 
+  _enable_compilation_cache()
   config, overrides = _split_items(args.items, args.sets, None)
   out = args.out or os.path.normpath(args.workdir) + "_deploy"
   r = fuse_run(args.workdir, out, config, overrides=overrides,
@@ -326,8 +396,49 @@ def _cmd_fuse(args) -> int:
   return 0
 
 
+def _cmd_eval_onnx(args) -> int:
+  from repopt_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from repopt_jax.export import evaluate_onnx  # pylint: disable=g-import-not-at-top
+
+  if args.items or args.sets:
+    raise ConfigError("eval --onnx takes no config or overrides: the file is evaluated on the run's own "
+                      "config.json")
+  m = evaluate_onnx(args.onnx, args.workdir)
+  if args.json:
+    print(json.dumps(m))
+  else:
+    print(f"{args.onnx} ({m['bytes'] / 1e6:.2f} MB, onnxruntime CPU) on the test split of {args.workdir}: "
+          f"top-1 {100 * m['eval_top1']:.2f}%, top-5 {100 * m['eval_top5']:.2f}%, loss {m['eval_loss']:.4f} "
+          f"({m['eval_examples']} images, {m['images_per_sec']:.0f} images/s)")
+  return 0
+
+
+def _cmd_export(args) -> int:
+  from repopt_jax.export import export_run  # pylint: disable=g-import-not-at-top
+
+  r = export_run(args.workdir, args.out, format=args.format, int8=args.int8,
+                 calibration_images_count=args.calibration_images, batch_size=args.batch_size,
+                 layout=args.layout, per_channel=args.per_channel,
+                 platforms=[x.strip() for x in args.platforms.split(",") if x.strip()] if args.platforms else None)
+  if args.json:
+    print(json.dumps(r))
+    return 0
+  kind = "ONNX opset 17" if r["format"] == "onnx" else "StableHLO (jax.export)"
+  if r["int8"]:
+    kind += f", INT8 QDQ ({'per-channel' if r['per_channel'] else 'per-tensor'} weights; "
+    kind += f"{r['bytes'] / r['fp32_bytes']:.2f}x the fp32 file's {r['fp32_bytes'] / 1e6:.2f} MB)"
+  print(f"exported {args.workdir} ({r['arch']}, {r['mode']}; {r['convs']} conv + bias + ReLU layers, "
+        f"{r['params']} params) -> {r['out']} ({kind}, {r['bytes'] / 1e6:.2f} MB, batch {r['batch_size']}, "
+        f"{r['layout'].upper()} {r['image_size']}x{r['image_size']})")
+  print(f"max |logit difference| to the JAX model on {r['compared_images']} test images: "
+        f"{r['max_abs_logit_diff']:.2e} (logits up to {r['max_abs_logit']:.2f})")
+  if r["format"] == "onnx":
+    print(f"next: python -m repopt_jax eval --onnx {r['out']} --workdir {args.workdir}")
+  return 0
+
+
 _HANDLERS = {"quickstart": _cmd_quickstart, "search": _cmd_search, "train": _cmd_train, "eval": _cmd_eval,
-             "fuse": _cmd_fuse}
+             "fuse": _cmd_fuse, "export": _cmd_export}
 
 
 def _unknown_command(argv: Sequence[str]) -> Optional[str]:
@@ -357,6 +468,28 @@ def parse_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] = 
   return args
 
 
+def _quiet_closed_event_loops() -> None:
+  """orbax's background threads of a failed save may still post to their closed asyncio loop when the process
+  stops: `RuntimeError('Event loop is closed')` then prints tracebacks that bury the one-line error. Those
+  (and only those) are dropped."""
+  import threading  # pylint: disable=g-import-not-at-top
+
+  def closed_loop(exc) -> bool:
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+  previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+
+  def unraisable(info):
+    if not closed_loop(info.exc_value):
+      previous_unraisable(info)
+
+  def thread_hook(args):
+    if not closed_loop(args.exc_value):
+      previous_thread(args)
+
+  sys.unraisablehook, threading.excepthook = unraisable, thread_hook
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0 ok, 2 for a user error)."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -376,16 +509,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   logging.getLogger("repopt_jax").setLevel(logging.INFO)
   # tfds and orbax log routine notices through absl ("Variant folder ... has no dataset_info.json" while
   # probing an unprepared dataset); the library reports what matters itself.
-  logging.getLogger("absl").setLevel(logging.ERROR)
+  # orbax logs a failed background save with tracebacks from several threads: the trainer reports it in one
+  # line (CheckpointError), so absl's own records are kept to the critical ones.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  _quiet_closed_event_loops()
   try:
     return _HANDLERS[args.command](args)
-  except _user_errors() as e:
-    text = " ".join(str(e).split()) or type(e).__name__
-    print(f"error: {text}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if _is_user_error(e):
+      text = " ".join(str(e).split()) or type(e).__name__
+      print(f"error: {text}", file=sys.stderr)
+      return 2
+    if type(e).__name__ != "PeerError":
+      raise
+    from repopt_jax.train.mesh import _exit_now  # pylint: disable=g-import-not-at-top
+    _exit_now(" ".join(str(e).split()))  # at once: jax's exit handlers would wait for the lost process
+    return 2
 
 
 if __name__ == "__main__":

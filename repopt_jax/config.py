@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from importlib import resources
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-__all__ = ["Config", "ConfigError", "REQUIRED", "SCHEMA", "available_configs", "load_config", "validate_config"]
+__all__ = ["Config", "ConfigError", "REQUIRED", "SCHEMA", "available_configs", "load_config", "validate_config",
+           "compilation_cache_dir", "enable_compilation_cache"]
 
 
 class ConfigError(ValueError):
   """A configuration is unusable: unknown, missing or invalid key (the message names it)."""
+
+
+class WorkdirError(OSError):
+  """A work directory cannot be created or written, or is not a run (re-exported by `repopt_jax.train`;
+  defined here so that checking a path does not import jax)."""
 
 
 _REQUIRED = object()  # Marks schema entries that every config must set.
@@ -219,8 +226,18 @@ def _get(data: dict, key: str):
   return node
 
 
+def _check_finite(data: Mapping[str, Any], path: tuple = ()) -> None:
+  """NaN and +-Infinity (JSON `NaN`, `Infinity`) are refused for every key, at config time."""
+  for key, value in data.items():
+    if isinstance(value, Mapping):
+      _check_finite(value, path + (key,))
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f"config key {'.'.join(path + (key,))!r} = {value!r} is not a finite number")
+
+
 def validate_config(data: Mapping[str, Any]) -> None:
   """Checks values (choices, signs, epochs/steps, RepOptimizer constraints); `ConfigError` names the key."""
+  _check_finite(data)
   if not isinstance(data["model"]["reinit"], bool):
     raise ConfigError(f"config key 'model.reinit' = {data['model']['reinit']!r} must be true or false")
   for key, choices in _CHOICES.items():
@@ -318,3 +335,47 @@ def load_config(name_or_path: str | Mapping[str, Any], overrides: Optional[Itera
     data = _read(os.fspath(name_or_path))
   _check_known(data)
   return _finish(apply_overrides(data, overrides or ()))
+
+
+# The JAX persistent compilation cache of the command line.
+ENV_CACHE_DIR = "REPOPT_JAX_CACHE_DIR"
+
+
+def compilation_cache_dir() -> str:
+  """`$REPOPT_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/repopt_jax/jax` (default `~/.cache/repopt_jax/jax`)."""
+  if os.environ.get(ENV_CACHE_DIR):
+    return os.path.abspath(os.path.expanduser(os.environ[ENV_CACHE_DIR]))
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "repopt_jax", "jax")
+
+
+def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache, so that a second run of the same config (a resume, an eval,
+  the quickstart again) loads its compiled programs instead of compiling them.
+
+  `REPOPT_JAX_CACHE_DIR=off` (or an unwritable directory) leaves it off. Before jax is imported this only
+  sets jax's environment variables (so a one-line error does not pay for importing jax). Returns the
+  directory, or None.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+
+  if os.environ.get(ENV_CACHE_DIR, "").lower() in ("off", "none", "0"):
+    return None
+  directory = directory or compilation_cache_dir()
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError:
+    return None
+  if not os.access(directory, os.W_OK):
+    return None
+  # Cache every program (jax's defaults skip those compiled in under a second: on CPU, most of them).
+  settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0.0,
+              "jax_persistent_cache_min_entry_size_bytes": 0}
+  if "jax" in sys.modules:
+    import jax  # pylint: disable=g-import-not-at-top
+    for key, value in settings.items():
+      jax.config.update(key, value)
+  else:
+    for key, value in settings.items():
+      os.environ.setdefault(key.upper(), str(value))
+  return directory

@@ -18,25 +18,11 @@ import jax.numpy as jnp
 import optax
 
 from repopt_jax import rules
+from repopt_jax.paths import path_str  # noqa: F401  (re-exported: the one path naming of the package)
 from repopt_jax.scales import CSLAScales, ScalesError
 
 ScalesTree = Any
 MaskOrFn = Optional[Union[Any, Callable[[optax.Params], Any]]]
-
-
-def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def path_str(path) -> str:
-  """`'stages/0/conv/kernel'` for a pytree key path; an NNX Variable's trailing `.value` is dropped."""
-  names = [_key_name(k) for k in path]
-  while names and names[-1] == "value" and isinstance(path[len(names) - 1], jax.tree_util.GetAttrKey):
-    names.pop()
-  return "/".join(names)
 
 
 def _is_scales_leaf(x) -> bool:
@@ -99,7 +85,8 @@ def repopt_masks(scales_tree: ScalesTree, power: int = 2) -> optax.GradientTrans
     g'_{p,q,i,c} = g_{p,q,i,c}\\,\\big(s_c^2 + [p,q = \\text{centre}](t_c^2 + [i = c])\\big)
 
   for every kernel whose entry in `scales_tree` is a `CSLAScales`; gradients of other parameters are left
-  as they are. Chained before weight decay and momentum, it turns plain SGD on the single kernels into SGD
+  as they are. A 1-D leaf with a `CSLAScales` is the bias of a CSLA conv whose branches have their own
+  biases: its multiplier is `s_c^2 + t_c^2` (no identity term; see `rules.grad_mult`). Chained before weight decay and momentum, it turns plain SGD on the single kernels into SGD
   on the imaginary multi-branch (CSLA) blocks.
 
   Args:

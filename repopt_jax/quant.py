@@ -148,8 +148,9 @@ class QuantizedInput(nnx.Module):
 
 
 def layer_name(path: Tuple) -> str:
-  """`'stage1/0/conv'` for an `nnx.iter_modules` path."""
-  return "/".join(str(p) for p in path)
+  """`'stage1/0/conv'` for an `nnx.iter_modules` path (the package's one path naming, `paths.path_str`)."""
+  from repopt_jax.paths import path_str  # pylint: disable=g-import-not-at-top
+  return path_str(path)
 
 
 def quantizable_layers(model: nnx.Module) -> dict:

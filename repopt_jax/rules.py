@@ -30,9 +30,15 @@ def check_kernel(scales: CSLAScales, shape: Sequence[int], where: str = "kernel"
   if not isinstance(scales, CSLAScales):
     raise ScalesError(f"{where}: expected CSLAScales or None, got {type(scales).__name__}")
   shape = tuple(shape)
+  if len(shape) == 1:  # the bias of a CSLA conv: one value per output channel, every branch's bias summed
+    for (bh, bw), s in scales.branches((1, 1)):
+      if np.shape(s) != shape:
+        raise ScalesError(f"{where}: scale of a branch has shape {np.shape(s)}, expected {shape} for a bias "
+                          f"of {shape[0]} output channels")
+    return
   if len(shape) != 4:
     raise ScalesError(f"{where}: CSLAScales given for a parameter of shape {shape}; "
-                      "it must be a 4-D HWIO conv kernel")
+                      "it must be a 4-D HWIO conv kernel or its 1-D bias")
   kh, kw, cin, cout = shape
   if kh % 2 == 0 or kw % 2 == 0:
     raise ScalesError(f"{where}: kernel {kh}x{kw} has no centre tap (sizes must be odd)")
@@ -75,6 +81,12 @@ def _per_tap_sum(scales: CSLAScales, shape, dtype, term: Callable[[Array], Array
   Built from the small scale vectors only; under `jit` XLA fuses the broadcasts into the consumer, so no
   full-size array is ever stored.
   """
+  if len(shape) == 1:  # a bias: every branch has one (scaled by its s_k), the identity has none
+    total = None
+    for _, s in scales.branches((1, 1)):
+      part = term(jnp.asarray(s, dtype))
+      total = part if total is None else total + part
+    return total
   kh, kw = shape[:2]
   total = None
   for bhw, s in scales.branches((kh, kw)):
@@ -96,6 +108,11 @@ def grad_mult(scales: CSLAScales, kernel_shape: Sequence[int], power: int = 2, d
     \\;(+ \\sum_k [p,q \\in \\text{taps}_k]\\, s_{k,c}^{\\,power} \\text{ for extra branches}).
 
   `power=2` is the SGD rule; `power=1` the mult the paper's code applies to gradients and updates of AdamW.
+
+  Conv biases: when the convs of a block have biases, each branch has its own (`b_k`, `b_1`; the identity
+  has none) and the block's output carries `s * b_k + t * b_1`: one bias `b'` of the merged conv. Its
+  gradient reaches `b_k` as `s dL/db'` and `b_1` as `t dL/db'`, so SGD on the branches moves `b'` by
+  `-lr (s_c^2 + t_c^2) dL/db'`: `kernel_shape = (C_out,)` gives that multiplier (`s^power + t^power`).
 
   Args:
     scales: the block's `CSLAScales`.
@@ -145,6 +162,9 @@ def exact_adam_direction(scales: CSLAScales, mu_hat: Array, nu_hat: Array, eps: 
     The direction (before `-lr` and weight decay), shaped like `mu_hat`.
   """
   root = jnp.sqrt(nu_hat + eps_root)
+  if mu_hat.ndim == 1:  # a bias: one term per branch, no identity
+    return _per_tap_sum(scales, mu_hat.shape, mu_hat.dtype,
+                        lambda s: s * s * mu_hat / (jnp.abs(s) * root + eps), None)
   kh, kw = mu_hat.shape[:2]
   total = None
   for bhw, s in scales.branches((kh, kw)):
@@ -215,4 +235,28 @@ def csla_init(scales: CSLAScales, conv_kernel: Array, pointwise_kernel: Optional
     out = out + _identity_mask(shape, dtype) * gamma
   elif identity_scale is not None:
     raise ScalesError("csla_init: identity_scale given but the scales have no identity branch")
+  return out
+
+
+def csla_bias(scales: CSLAScales, conv_bias: Array, pointwise_bias: Optional[Array] = None,
+              extra_biases: Sequence[Array] = ()) -> Array:
+  """The Rule of Initialization for the bias of a CSLA conv: `b' = s * b_full + t * b_1x1 (+ sum_k s_k b_k)`.
+
+  Each branch conv has its own bias, scaled by its branch scale like its output; the identity has none.
+  A missing branch bias counts as zero.
+
+  Example:
+    >>> import numpy as np
+    >>> s = CSLAScales(conv=np.array([2.]), pointwise=np.array([3.]))
+    >>> csla_bias(s, np.array([1.]), np.array([1.])).tolist()
+    [5.0]
+  """
+  conv_bias = jnp.asarray(conv_bias)
+  dtype = conv_bias.dtype
+  check_kernel(scales, conv_bias.shape, "csla_bias")
+  out = conv_bias * jnp.asarray(scales.conv, dtype)
+  if pointwise_bias is not None and scales.pointwise is not None:
+    out = out + jnp.asarray(pointwise_bias, dtype) * jnp.asarray(scales.pointwise, dtype)
+  for ((_, s), b) in zip(scales.extra, extra_biases):
+    out = out + jnp.asarray(b, dtype) * jnp.asarray(s, dtype)
   return out

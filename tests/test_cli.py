@@ -192,7 +192,7 @@ def test_bad_input_is_one_clear_line(ddir, tmp_path, capsys):
   # eval / fuse on directories that are not runs.
   (tmp_path / "empty").mkdir()
   _one_line_error(capsys, ["eval", "--workdir", tmp_path / "empty"], "holds no config.json")
-  _one_line_error(capsys, ["fuse", "--workdir", tmp_path / "missing"], "holds no config.json")
+  _one_line_error(capsys, ["fuse", "--workdir", tmp_path / "missing"], "does not exist")
 
   # --help is for newcomers: every command, and examples.
   code, out, _ = _run(capsys, ["--help"])

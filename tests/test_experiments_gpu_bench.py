@@ -10,9 +10,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root: experiments/
-from experiments import equivalence_drift, speed_memory  # noqa: E402
+from experiments import equivalence_drift, gpu_report, speed_memory  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "experiments", "gpu_bench.sh")
 TAG = "_gpu_bench_tiny"
@@ -26,34 +28,78 @@ def _run(*args, env=None, timeout=900):
 def test_gpu_commands_are_b1_at_224():
   out = _run("--dry-run")
   assert out.returncode == 0, out.stderr
-  speed_cmd, equiv_cmd = out.stdout.strip().splitlines()
-  speed = speed_memory.parse_args(shlex.split(speed_cmd)[2:])
-  assert speed.entries == [("B1", 224, 32, 10)] and speed.compute_dtype == "bfloat16"
-  assert speed.memory_budget_gib == 11 and speed.tag == "_gpu_b1"
+  bf16_cmd, f32_cmd, report_cmd, equiv_cmd = out.stdout.strip().splitlines()
+  for cmd, dtype, tag in ((bf16_cmd, "bfloat16", "_gpu_b1_bf16"), (f32_cmd, "float32", "_gpu_b1_f32")):
+    speed = speed_memory.parse_args(shlex.split(cmd)[2:])
+    # B1 at 224 px, batch 32/64/128, 80 GiB budget, the probes without autotuning, no inference part.
+    assert speed.entries == [("B1", 224, 32, 10), ("B1", 224, 64, 10), ("B1", 224, 128, 10)]
+    assert speed.compute_dtype == dtype and speed.tag == tag and speed.memory_budget_gib == 80
+    assert json.loads(speed.probe_options) == {"xla_gpu_autotune_level": 0} and speed.no_inference
+  report = shlex.split(report_cmd)
+  assert report[1] == "experiments/gpu_report.py" and report[-2:] == ["--out", "experiments/results/gpu_bench_b1"]
   assert equiv_cmd.startswith("JAX_DEFAULT_MATMUL_PRECISION=highest ")
   equiv = equivalence_drift.parse_args(shlex.split(equiv_cmd)[3:])
   assert (equiv.arch, equiv.image_size, equiv.tag, equiv.float64) == ("B1", 224, "_gpu_b1", "none")
   assert _run("--bogus").returncode == 2
 
 
+def test_mfu_peaks_come_from_the_datasheet_table_only():
+  assert gpu_report.peak_flops("1 x gpu:NVIDIA H200 (cuda:0)", "bfloat16") == 989.4e12
+  assert gpu_report.peak_flops("1 x gpu:NVIDIA H100 80GB HBM3 (cuda:0)", "float32") == 494.7e12  # TF32
+  assert gpu_report.peak_flops("1 x gpu:NVIDIA H100 PCIe (cuda:0)", "bfloat16") == 756.5e12
+  assert gpu_report.peak_flops("1 x cpu:cpu (TFRT_CPU_0)", "bfloat16") is None
+  assert gpu_report.peak_flops("1 x cpu:cpu (TFRT_CPU_0)", "bfloat16", 2.0) == 2e12
+
+
+def test_largest_batch_is_searched_once_per_arch_from_all_batches(monkeypatch):
+  """speed_memory: with several batches of one arch/size, the search runs at the last one, seeded by all."""
+  calls = []
+
+  def fake_bench(args, arch, size, batch, steps, mesh, log, known_memory=None, max_batch=True):
+    calls.append((batch, max_batch, {k: dict(v) for k, v in (known_memory or {}).items()}))
+    return {"runs": {"repopt": {"memory": {"total": 100 * batch}}}}
+
+  class Done(Exception):
+    pass
+
+  def stop(*unused):
+    raise Done
+
+  monkeypatch.setattr(speed_memory, "bench_arch", fake_bench)
+  monkeypatch.setattr(speed_memory, "report_rows", stop)  # stop before any report is written
+  with pytest.raises(Done):
+    speed_memory.main(["--archs", "tiny:32:4:1", "tiny:32:8:1", "tiny:64:4:1", "--out", "/nonexistent"])
+  assert calls == [(4, False, {}), (8, True, {"repopt": {4: 400}}), (4, True, {})]
+
+
 def _check_speed(out_dir, stdout):
-  md = (out_dir / f"speed_memory{TAG}.md").read_text()
-  assert "git commit" in md and "--tiny" in md and "| tiny @32px, batch 4 |" in md
-  assert "## Training speed" in stdout and "| tiny @32px, batch 4 |" in stdout  # printed by gpu_bench.sh
-  (res,) = json.loads((out_dir / f"speed_memory{TAG}.json").read_text())["results"]
-  runs = res["runs"]
-  for name in ("repopt", "repvgg", "plain"):
-    assert runs[name]["train_images_per_s"] > 0 and runs[name]["train_images_per_cpu_s"] > 0
-    assert runs[name]["memory"]["total"] > 0
-  # RepVGG keeps three branches' activations and parameters: more memory and MACs than the plain conv net.
-  assert runs["repvgg"]["memory"]["total"] > 1.1 * runs["repopt"]["memory"]["total"]
-  assert runs["repvgg"]["train_params"] > runs["repopt"]["train_params"] == res["deployed_params"]
-  assert runs["repvgg"]["macs_per_image"] > runs["repopt"]["macs_per_image"]
-  # The Grad Mult adds no state: the RepOpt-SGD step's arguments are exactly the plain SGD step's.
-  assert runs["repopt"]["memory"]["argument"] == runs["plain"]["memory"]["argument"]
-  assert res["fusion_max_rel_diff"] < 1e-5  # the deployed model is the fused RepVGG: same outputs
-  for name in ("repopt", "repvgg"):  # the budget is twice RepVGG's memory at batch 4
-    assert runs[name]["max_batch"]["batch"] >= res["batch"]
+  for dtype, suffix in (("bfloat16", "_bf16"), ("float32", "_f32")):
+    md = (out_dir / f"speed_memory{TAG}{suffix}.md").read_text()
+    assert "git commit" in md and "--tiny" in md and "| tiny @32px, batch 4 |" in md and dtype in md
+    (res,) = json.loads((out_dir / f"speed_memory{TAG}{suffix}.json").read_text())["results"]
+    runs = res["runs"]
+    for name in ("repopt", "repvgg", "plain"):
+      assert runs[name]["train_images_per_s"] > 0 and runs[name]["train_images_per_cpu_s"] > 0
+      assert runs[name]["memory"]["total"] > 0
+    # RepVGG keeps three branches' activations and parameters: more memory and MACs than the plain conv net.
+    assert runs["repvgg"]["memory"]["total"] > 1.1 * runs["repopt"]["memory"]["total"]
+    assert runs["repvgg"]["train_params"] > runs["repopt"]["train_params"] == res["deployed_params"]
+    assert runs["repvgg"]["macs_per_image"] > runs["repopt"]["macs_per_image"]
+    # The Grad Mult adds no state: the RepOpt-SGD step's arguments are exactly the plain SGD step's.
+    assert runs["repopt"]["memory"]["argument"] == runs["plain"]["memory"]["argument"]
+    assert res["fusion_max_rel_diff"] < (1e-5 if dtype == "float32" else 2e-2)  # deployed = fused RepVGG
+    for name in ("repopt", "repvgg"):  # the budget is twice RepVGG's memory at batch 4
+      assert runs[name]["max_batch"]["batch"] >= res["batch"]
+  # The summary (printed by gpu_bench.sh and written): both dtypes, three runs each, MFU from the given peak.
+  assert "## Per run" in stdout and "| bfloat16 | tiny@32 | 4 | repopt |" in stdout
+  rows = json.loads((out_dir / "gpu_bench_tiny.json").read_text())["rows"]
+  assert sorted((r["dtype"], r["run"]) for r in rows) == sorted(
+      (d, n) for d in ("bfloat16", "float32") for n in ("repopt", "repvgg", "plain"))
+  for r in rows:  # --peak_tflops 1 in tiny mode: MFU = images/s x 6 x MACs per image / 1e12
+    suffix = "_bf16" if r["dtype"] == "bfloat16" else "_f32"
+    (res,) = json.loads((out_dir / f"speed_memory{TAG}{suffix}.json").read_text())["results"]
+    run = res["runs"][r["run"]]
+    assert r["mfu"] == pytest.approx(run["train_images_per_s"] * 6 * run["macs_per_image"] / 1e12) and r["mfu"] > 0
 
 
 def _check_equivalence(out_dir, stdout):
@@ -75,8 +121,9 @@ def _check_equivalence(out_dir, stdout):
 def test_cpu_path_tiny_runs_speed_memory_and_equivalence(tmp_path):
   out = _run("--tiny", env={"PYTHON": sys.executable, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  for stem in (f"speed_memory{TAG}", f"equivalence_drift{TAG}"):
+  for stem in (f"speed_memory{TAG}_bf16", f"speed_memory{TAG}_f32", f"equivalence_drift{TAG}"):
     for ext in (".md", ".png", ".json"):
       assert os.path.getsize(tmp_path / (stem + ext)) > 0, stem + ext
+  assert os.path.getsize(tmp_path / "gpu_bench_tiny.md") > 0
   _check_speed(tmp_path, out.stdout)
   _check_equivalence(tmp_path, out.stdout)

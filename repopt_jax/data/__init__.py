@@ -13,7 +13,7 @@ Example:
 
 from repopt_jax.data.local import (ArrayImageBuilder, fashion_mnist_source_dir, load_fashion_mnist_idx,
                                    prepare_local, read_idx)
-from repopt_jax.data.pipeline import Stream, global_batch, make_iterator, make_loader
+from repopt_jax.data.pipeline import Stream, global_batch, make_iterator, make_loader, seek
 from repopt_jax.data.sources import ExampleReader, open_source
 from repopt_jax.data.specs import (AUGMENT_KINDS, DatasetError, DatasetSpec, available_datasets, dataset_info,
                                    default_data_dir)
@@ -21,5 +21,5 @@ from repopt_jax.data.specs import (AUGMENT_KINDS, DatasetError, DatasetSpec, ava
 __all__ = [
     "AUGMENT_KINDS", "ArrayImageBuilder", "DatasetError", "DatasetSpec", "ExampleReader", "Stream",
     "available_datasets", "dataset_info", "default_data_dir", "fashion_mnist_source_dir", "global_batch",
-    "load_fashion_mnist_idx", "make_iterator", "make_loader", "open_source", "prepare_local", "read_idx",
+    "load_fashion_mnist_idx", "make_iterator", "make_loader", "open_source", "prepare_local", "read_idx", "seek",
 ]

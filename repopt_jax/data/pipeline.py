@@ -19,6 +19,7 @@ Evaluation streams are not shuffled nor augmented and are padded to whole global
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from typing import Any, Optional, Sequence, Union
@@ -354,6 +355,29 @@ def make_iterator(name: str, split: Optional[str] = None, *, global_batch_size: 
       data_dir=data_dir, num_epochs=num_epochs, worker_count=worker_count, process_index=process_index,
       process_count=process_count, dtype=dtype, shuffle=shuffle, augment=augment, read_threads=read_threads,
       prefetch=prefetch, worker_buffer_size=worker_buffer_size))
+
+
+def seek(iterator, batch: int, *, process_index: int, process_count: int, worker_count: int) -> None:
+  """Sets an iterator of `make_iterator` to the position after `batch` global batches.
+
+  The global batch order does not depend on the number of processes or grain workers (module docstring), so
+  a run's data position follows from its step alone: this is how a checkpoint whose saved iterator state does
+  not fit (written by another number of processes, or another `worker_count`) is resumed. The arguments are
+  the ones the iterator was made with.
+  """
+  batch, p, h, w = int(batch), int(process_count), int(process_index), int(worker_count)
+  if batch < 0:
+    raise DatasetError(f"seek: batch must be >= 0, got {batch}")
+  state = json.loads(iterator.get_state())
+  if w == 0:
+    state["last_seen_indices"] = {"0": batch * p + h - p}
+    state["last_worker_index"] = -1
+  else:
+    # grain hands the host's records round-robin to its workers: worker i has read ceil((batch - i) / w).
+    seen = [max(-(-(batch - i) // w), 0) for i in range(w)]
+    state["last_seen_indices"] = {str(i): h + i * p + (seen[i] - 1) * p * w for i in range(w)}
+    state["last_worker_index"] = (batch - 1) % w if batch else -1
+  iterator.set_state(json.dumps(state).encode())
 
 
 def global_batch(batch, mesh, axis: Union[str, Sequence[str]] = "data"):

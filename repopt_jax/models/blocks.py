@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repopt_jax import ops
+
 
 def conv_kernel_init(key, shape, dtype=jnp.float32):
   """PyTorch's default conv/linear weight init (`kaiming_uniform_(a=sqrt(5))`): `U(+-1/sqrt(fan_in))`.
@@ -69,12 +71,15 @@ def torch_linear_bias_init(fan_in: int):
   return init
 
 
-def _conv(cin, cout, k, stride, dtype, param_dtype, rngs):
+def _conv(cin, cout, k, stride, dtype, param_dtype, rngs, *, groups: int = 1, use_bias: bool = False):
+  """Every conv of the package's models is built here (one place to change the conv implementation)."""
   # Explicit PyTorch padding (1 for 3x3, 0 for 1x1), not 'SAME': with stride 2 and an even input, 'SAME'
   # pads (0, 1), which would move the 3x3's centre tap off the pixel the 1x1 branch reads.
   pad = k // 2
-  return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)), use_bias=False,
-                  kernel_init=conv_kernel_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                  feature_group_count=groups, kernel_init=conv_kernel_init,
+                  bias_init=torch_linear_bias_init(cin // groups * k * k), dtype=dtype, param_dtype=param_dtype,
+                  conv_general_dilated=ops.conv_general_dilated, rngs=rngs)
 
 
 def _bn(c, dtype, param_dtype, rngs):

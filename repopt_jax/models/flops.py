@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from repopt_jax.models.vgg import MODES, ModelError, VGGConfig, get_arch
+from repopt_jax.models.vgg import ARCHS, MODES, ModelError, VGGConfig, get_arch
 
 
 def count_params(model: nnx.Module) -> int:
@@ -61,6 +61,8 @@ def flops(arch: Union[str, VGGConfig], image_size: int = 224, num_classes: int =
     >>> round(flops('B1', 224) / 1e9, 1)
     11.8
   """
+  if isinstance(arch, str) and arch not in ARCHS:
+    return _generic_flops(arch, image_size, num_classes, mode, in_channels)
   config = get_arch(arch)
   if mode not in MODES:
     raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
@@ -76,3 +78,40 @@ def flops(arch: Union[str, VGGConfig], image_size: int = 224, num_classes: int =
       total += h3 * w3 * spec.in_channels * spec.out_channels
     h, w = h3, w3
   return int(total + config.out_features * num_classes)
+
+
+def traced_macs(model: nnx.Module, x_shape) -> int:
+  """Multiply-adds of the convs and dense layers of `model(x)`, read off its jaxpr (any NNX model).
+
+  Each `conv_general_dilated` counts `prod(out) * kh * kw * C_in / groups`, each `dot_general`
+  `prod(out) * prod(contracted dims)`; nothing is computed (abstract evaluation only).
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  graphdef, state = nnx.split(model)
+  fn = lambda st, x: nnx.merge(graphdef, st)(x)
+  jaxpr = jax.make_jaxpr(fn)(state, jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32))
+  total = 0
+
+  def walk(jp):
+    nonlocal total
+    for eqn in jp.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        out, rhs = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+        spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, spatial...)
+        total += int(np.prod(out)) * int(np.prod([rhs[d] for d in spec[1:]]))
+      elif eqn.primitive.name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        total += int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[d] for d in lc]))
+      for p in eqn.params.values():
+        if hasattr(p, "jaxpr"):
+          walk(p.jaxpr if hasattr(p.jaxpr, "eqns") else p.jaxpr.jaxpr)
+  walk(jaxpr.jaxpr)
+  return total
+
+
+def _generic_flops(arch: str, image_size, num_classes: int, mode: str, in_channels: int) -> int:
+  from repopt_jax.models.registry import build_generic  # pylint: disable=g-import-not-at-top
+  h, w = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
+  model = nnx.eval_shape(lambda: build_generic(arch, mode, num_classes=num_classes, in_channels=in_channels))
+  return traced_macs(model, (1, h, w, in_channels))

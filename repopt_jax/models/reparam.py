@@ -1,4 +1,8 @@
-"""Between models, scales and optimizers: everything a user would otherwise build by hand.
+"""RepOpt-VGG between models, scales and optimizers: a thin layer over the generic `repopt_jax.csla`.
+
+The official block names (`'stage1.0'`, used by the official scale files and the `.npz` files of VGG runs)
+map to kernel paths (`kernel_path('stage1.0') == 'stage1/0/conv/kernel'`); scales trees, the weight-decay
+mask and the Rule of Initialization's merge are `repopt_jax.csla`'s, the same for every model.
 
 * `scales_from_hs`: the constants `{block: CSLAScales}` of a trained Hyper-Search (or csla) model.
 * `check_scales`: does a scales dict belong to this architecture? (`ScalesError` naming the block.)
@@ -15,7 +19,6 @@ gives the plain nested dict for code that works on dicts).
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping, Optional, Tuple, Union
 
 import jax
@@ -24,9 +27,9 @@ import numpy as np
 from flax import nnx
 
 from repopt_jax.models import blocks as blocks_lib
-from repopt_jax.models.vgg import ModelError, RepOptVGG, VGGConfig, check_scales_for, get_arch
-from repopt_jax.optim import path_str
-from repopt_jax.rules import check_kernel, csla_init
+from repopt_jax.models.vgg import ARCHS, ModelError, RepOptVGG, VGGConfig, check_scales_for, get_arch
+from repopt_jax import csla
+from repopt_jax.rules import check_kernel
 from repopt_jax.scales import CSLAScales, ScalesError
 
 IDENTITY_INITS = ("trained", "ones")
@@ -87,24 +90,45 @@ def check_scales(arch_or_model: Union[str, VGGConfig, RepOptVGG], scales: Mappin
   """
   if isinstance(arch_or_model, RepOptVGG):
     check_scales_for(arch_or_model.config, scales, arch_or_model.in_channels)
+  elif isinstance(arch_or_model, str) and arch_or_model not in ARCHS:
+    # Any other architecture: scales keyed by kernel paths, checked against its (abstract) plain model.
+    from repopt_jax.models.registry import GENERIC_ARCHS, build_generic  # pylint: disable=g-import-not-at-top
+    if arch_or_model not in GENERIC_ARCHS:
+      get_arch(arch_or_model)  # ModelError listing the names
+    if not isinstance(scales, Mapping):
+      raise ScalesError(f"scales: expected a dict {{kernel_path: CSLAScales}}, got {type(scales).__name__}")
+    plain = nnx.eval_shape(lambda: build_generic(arch_or_model, "target", num_classes=10))
+    csla.scales_tree(plain, scales)
+  elif isinstance(arch_or_model, nnx.Module):
+    csla.scales_tree(arch_or_model, scales)
   else:
     check_scales_for(get_arch(arch_or_model), scales)
 
 
-def _kernel_block(path) -> Optional[str]:
-  """The official block name if `path` is a block's 3x3 kernel ('stage1/0/conv/kernel'), else None."""
-  names = path_str(path).split("/")
-  if len(names) >= 3 and names[-2:] == ["conv", "kernel"]:
-    head = names[:-2]
-    if head == ["stage0"]:
-      return "stage0"
-    if len(head) == 2 and head[0].startswith("stage"):
-      return f"{head[0]}.{head[1]}"
-  return None
+def kernel_path(block_name: str) -> str:
+  """The kernel path (`repopt_jax.paths`) of an official block name: `'stage1.0'` -> `'stage1/0/conv/kernel'`.
+
+  RepOpt-VGG's official block names are a thin mapping over the generic `repopt_jax.csla` machinery, which
+  keys scales by kernel paths; the official scale files and `.npz` files of VGG runs keep the block names.
+  """
+  return "/".join(block_name.split(".")) + "/conv/kernel"
+
+
+def block_name(kernel_path_: str) -> str:
+  """The inverse of `kernel_path`: `'stage1/0/conv/kernel'` -> `'stage1.0'`."""
+  head = kernel_path_[: -len("/conv/kernel")] if kernel_path_.endswith("/conv/kernel") else kernel_path_
+  return head.replace("/", ".")
+
+
+def to_kernel_paths(scales: Mapping[str, CSLAScales]) -> dict:
+  """`{block_name: CSLAScales}` -> `{kernel path: CSLAScales}` for the `repopt_jax.csla` functions."""
+  return {kernel_path(k): v for k, v in scales.items()}
 
 
 def scales_tree(target_model: RepOptVGG, scales: Mapping[str, CSLAScales]):
   """The scales tree of a target model for `repopt_sgd` / `repopt_adamw` / `repopt_masks`.
+
+  `repopt_jax.csla.scales_tree` with the official block names mapped to kernel paths (`kernel_path`).
 
   Args:
     target_model: a `RepOptVGG` in mode 'target' (an `nnx.eval_shape` one is fine).
@@ -122,13 +146,7 @@ def scales_tree(target_model: RepOptVGG, scales: Mapping[str, CSLAScales]):
   """
   _require(target_model, ("target",), "scales_tree")
   check_scales(target_model, scales)
-
-  def leaf(path, _):
-    name = _kernel_block(path)
-    return None if name is None else scales[name]
-
-  params = nnx.as_pure(nnx.state(target_model, nnx.Param))
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  return csla.scales_tree(target_model, to_kernel_paths(scales))
 
 
 def weight_decay_mask(model: RepOptVGG):
@@ -150,59 +168,27 @@ def weight_decay_mask(model: RepOptVGG):
   """
   if not isinstance(model, nnx.Module):
     raise ModelError(f"weight_decay_mask: expected an NNX model, got {type(model).__name__}")
-
-  def leaf(path, x):
-    name = str(getattr(path[-1], "key", path[-1]))
-    return bool(len(np.shape(x)) > 1 or name == "scale_identity")
-
-  return jax.tree_util.tree_map_with_path(leaf, nnx.as_pure(nnx.state(model, nnx.Param)))
+  return csla.weight_decay_mask(model)  # the same rule for every model
 
 
-# Every block at once, in one compiled program per architecture: run eagerly, fresh draws and `csla_init`
-# compile each of their ops for every new kernel shape (tens of seconds for a small network on CPU).
-@functools.partial(jax.jit, static_argnames=("shapes", "dtype"))
-def _draw_kernels(key, shapes, dtype):
-  """Fresh kernels of `shapes`, distributed as `blocks.conv_kernel_init` draws them: `U(+-1/sqrt(fan_in))`.
-
-  One flat draw for all of them (XLA compiles each random draw separately, slowly on CPU), cut and scaled.
-  """
-  sizes = [int(np.prod(shape)) for shape in shapes]
-  u = jax.random.uniform(key, (sum(sizes),), dtype, -1.0, 1.0)
-  out, offset = [], 0
-  for shape, n in zip(shapes, sizes):
-    out.append(u[offset:offset + n].reshape(shape) * jnp.asarray(1.0 / np.sqrt(np.prod(shape[:-1])), dtype))
-    offset += n
-  return out
-
-
-@functools.partial(jax.jit, static_argnames=("identities",))
-def _merge_all(k3s, k1s, convs, pointwises, gammas, identities):
-  """`csla_init` of every block, the scale vectors traced."""
-  return [csla_init(CSLAScales(conv=c, pointwise=p, identity=i), k3, k1, identity_scale=g).astype(k3.dtype)
-          for k3, k1, c, p, g, i in zip(k3s, k1s, convs, pointwises, gammas, identities)]
-
-
-def _merged_kernels(model: RepOptVGG, scales, branches, gammas, dtype, fn: str) -> list:
-  """The Rule of Initialization for every block: `[csla_init(scales[b], k3_b, k1_b, gamma_b) for b in blocks]`.
-
-  `branches[b] = (k3, k1)`; `gammas[b]` is gamma(0) (ignored without identity; None means ones).
-  """
-  dtype = jnp.dtype(dtype)
-  cast = lambda v: jnp.asarray(v, dtype)
-  args = ([], [], [], [], [], [])
+def _merged_kernels(model: RepOptVGG, scales, branches, gammas, fn: str) -> list:
+  """The Rule of Initialization for every block: `[csla_init(scales[b], k3_b, k1_b, gamma_b) for b in blocks]`,
+  through the one merge of `repopt_jax.csla`. `branches[b] = (k3, k1)`; `gammas[b]` is gamma(0) (ignored
+  without identity; None means ones)."""
+  out = []
   for spec in model.block_specs:
     s, (k3, k1) = scales[spec.name], branches[spec.name]
     want3, want1 = (3, 3, spec.in_channels, spec.out_channels), (1, 1, spec.in_channels, spec.out_channels)
     if np.shape(k3) != want3 or np.shape(k1) != want1:
       raise ScalesError(f"{fn}: block {spec.name!r}: branch kernels of shapes {np.shape(k3)}, {np.shape(k1)}; "
                         f"expected {want3}, {want1}")
-    check_kernel(s, want3, f"{fn}: block {spec.name!r}")  # with concrete values, before tracing
+    check_kernel(s, want3, f"{fn}: block {spec.name!r}")
+    dtype = jnp.asarray(k3).dtype
     gamma = gammas.get(spec.name)
-    gamma = (np.ones(spec.out_channels) if gamma is None else gamma) if s.identity else None
-    for lst, v in zip(args, (k3, k1, s.conv, s.pointwise, gamma, s.identity)):
-      lst.append(v if isinstance(v, bool) or v is None else cast(v))
-  k3s, k1s, convs, pws, gs, ids = args
-  return _merge_all(k3s, k1s, convs, pws, gs, tuple(ids))
+    gamma = jnp.asarray(np.ones(spec.out_channels) if gamma is None else gamma, dtype) if s.identity else None
+    out.append(csla.merge_arrays(jnp.asarray(k3), jnp.asarray(k1, dtype), jnp.asarray(s.conv, dtype),
+                                 jnp.asarray(s.pointwise, dtype), gamma))
+  return out
 
 
 def _as_rngs(rngs) -> Optional[nnx.Rngs]:
@@ -258,13 +244,11 @@ def reinit_target(target_model: RepOptVGG, scales: Mapping[str, CSLAScales], rng
     else:
       fresh.append(spec)
   dtype = target_model.stage0.conv.kernel[...].dtype
-  if fresh:
-    shapes = tuple(shape for sp in fresh for shape in ((3, 3, sp.in_channels, sp.out_channels),
-                                                       (1, 1, sp.in_channels, sp.out_channels)))
-    drawn = _draw_kernels(rngs.params(), shapes, dtype)
-    branches.update({sp.name: (drawn[2 * j], drawn[2 * j + 1]) for j, sp in enumerate(fresh)})
+  for sp in fresh:  # drawn as the csla model draws its branches (PyTorch's default conv init)
+    branches[sp.name] = (blocks_lib.conv_kernel_init(rngs.params(), (3, 3, sp.in_channels, sp.out_channels), dtype),
+                         blocks_lib.conv_kernel_init(rngs.params(), (1, 1, sp.in_channels, sp.out_channels), dtype))
   gammas = {name: s.identity_init for name, s in scales.items()} if identity == "trained" else {}
-  kernels = _merged_kernels(target_model, scales, branches, gammas, dtype, "reinit_target")
+  kernels = _merged_kernels(target_model, scales, branches, gammas, "reinit_target")
   for (_, blk), kernel in zip(target_model.named_blocks(), kernels):
     blk.conv.kernel[...] = kernel
 
@@ -305,7 +289,7 @@ def target_from_csla(model: RepOptVGG) -> RepOptVGG:
   target = _empty_like(model, "target")
   branches = {spec.name: (blk.conv.kernel[...], blk.conv_1x1.kernel[...]) for spec, blk in model.named_blocks()}
   gammas = {name: s.identity_init for name, s in scales.items()}
-  kernels = _merged_kernels(model, scales, branches, gammas, model.stage0.conv.kernel.dtype, "target_from_csla")
+  kernels = _merged_kernels(model, scales, branches, gammas, "target_from_csla")
   for (_, src), (_, dst), kernel in zip(model.named_blocks(), target.named_blocks(), kernels):
     dst.conv.kernel.set_value(kernel)
     nnx.update(dst.bn, nnx.state(src.bn))

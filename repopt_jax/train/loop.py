@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -22,14 +23,12 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from repopt_jax.config import Config, ConfigError, load_config
+from repopt_jax.config import Config, ConfigError, WorkdirError, load_config
 from repopt_jax.train import mesh as mesh_lib
-from repopt_jax.train import state as state_lib
 from repopt_jax.train.checkpoint import Checkpointer
 from repopt_jax.train.metrics import MetricsWriter, Progress
-from repopt_jax.train.step import EvalStep, TrainStep
 
-__all__ = ["Trainer", "NonFiniteLossError", "WorkdirError"]
+__all__ = ["Trainer", "NonFiniteLossError", "WorkdirError", "exit_status"]
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +37,32 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN/Inf loss, gradient or parameter; the run stopped without saving it."""
 
 
-class WorkdirError(OSError):
-  """The work directory cannot be created or written."""
 
 
 def _check_workdir(workdir: str) -> str:
-  """Creates `workdir` and proves it writable, or raises one clear `WorkdirError` before any training."""
+  """Creates `workdir` and proves it writable, or raises one clear `WorkdirError` before any training.
+
+  The probe is an `os.access` check, not a file: nothing but the directory itself is created.
+  """
   path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-  probe = os.path.join(path, f".write_test.{os.getpid()}.{jax.process_index()}")
   try:
     os.makedirs(path, exist_ok=True)
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
   except OSError as e:
     raise WorkdirError(f"work directory {path} cannot be written: {e.strerror or e}") from None
+  if not os.path.isdir(path):
+    raise WorkdirError(f"work directory {path} is not a directory")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise WorkdirError(f"work directory {path} cannot be written: permission denied")
   return path
+
+
+# Exit status of a run stopped by a signal after saving (the shell's convention, 128 + the signal number).
+def exit_status(signal_name: Optional[str]) -> int:
+  """`128 + signum` for a run stopped by `signal_name` ('SIGTERM' -> 143, 'SIGINT' -> 130); 1 otherwise."""
+  try:
+    return 128 + int(signal.Signals[signal_name])
+  except (KeyError, TypeError):
+    return 1
 
 
 class Trainer:
@@ -69,12 +78,17 @@ class Trainer:
     tensorboard: write TensorBoard event files (process 0 only).
     compiler_options: XLA options for the train and eval steps (default none), e.g.
       `{'xla_backend_optimization_level': 0}` to compile short CPU runs faster.
+    fresh: ignore the work directory's checkpoints and start from step 0, exactly like a new run; the old
+      `checkpoints/`, `metrics.jsonl` and `tensorboard/` are moved aside (`*.old`), not deleted.
+    write_config: write `<workdir>/config.json` (for `eval`, `fuse`, `load_model`) once the workdir's
+      checkpoints are known to belong to this run.
 
-  Raises (before any training):
-    ConfigError: an invalid config, clipping with a RepOptimizer, a batch size the devices cannot split.
+  Raises (before anything is created on disk):
+    ConfigError: an invalid config, clipping with a RepOptimizer, a batch size the devices cannot split or
+      larger than the train split.
     WorkdirError: `workdir` cannot be written.
     DatasetError: unknown or unprepared dataset (from `repopt_jax.data`).
-    ScalesError: unreadable scales, or scales of another architecture.
+    ScalesError: unreadable scales, scales of another architecture, or a block whose scales are all zero.
 
   Example:
     >>> trainer = Trainer('digits_tiny', '/tmp/run', overrides=['train.epochs=1'])  # doctest: +SKIP
@@ -84,10 +98,10 @@ class Trainer:
 
   def __init__(self, config: Config | str, workdir: str, *, overrides: Sequence[str] = (),
                devices: Optional[Sequence[jax.Device]] = None, progress: bool = True, tensorboard: bool = True,
-               compiler_options: Optional[dict] = None):
+               compiler_options: Optional[dict] = None, fresh: bool = False, write_config: bool = False):
     from repopt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-    from repopt_jax import load_scales  # pylint: disable=g-import-not-at-top
     from repopt_jax.models import count_params, flops  # pylint: disable=g-import-not-at-top
+    from repopt_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
 
     if not isinstance(config, Config) or overrides:
       config = load_config(config, overrides)
@@ -95,72 +109,50 @@ class Trainer:
     mesh_lib.maybe_initialize_distributed()
     self.process_index, self.process_count = jax.process_index(), jax.process_count()
     self.is_main = self.process_index == 0
-    self.workdir = _check_workdir(workdir)
-    self.mesh = mesh_lib.make_mesh(devices)
+    path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise WorkdirError(f"work directory {path} is not a directory")
     self._progress_enabled = progress and self.is_main
     self._tensorboard = tensorboard
+    self._fresh = fresh
+    self._write_config = write_config
 
-    t, d = config.train, config.data
-    n_dev = self.mesh.size
-    self.batch_size = int(t.batch_size)
-    self.eval_batch_size = int(t.eval_batch_size or t.batch_size)
-    for key, value in (("train.batch_size", self.batch_size), ("train.eval_batch_size", self.eval_batch_size)):
-      if value % n_dev:
-        raise ConfigError(f"{key!r} = {value} is not divisible by the {n_dev} devices of the mesh "
-                          f"({self.process_count} process(es)); use a multiple of {n_dev}")
-
+    d = config.data
     self.data = data_lib
-    self.spec = data_lib.dataset_info(d.dataset, d.data_dir)
-    self.num_classes = int(config.model.num_classes or self.spec.num_classes)
-    self.image_size = int(d.image_size or self.spec.image_size)
-    self.train_split = d.train_split
-    self.eval_split = d.eval_split
+    # Everything is validated and built before the work directory is touched.
+    self.run = run = build_run(config, devices=devices, compiler_options=compiler_options)
+    self.mesh = run.mesh
+    self.spec = run.spec
+    self.batch_size, self.eval_batch_size = run.batch_size, run.eval_batch_size
+    self.num_classes, self.image_size = run.num_classes, run.image_size
+    self.train_split, self.eval_split = d.train_split, d.eval_split
     # The iterator is built here so that an unprepared dataset is reported before anything else happens.
     self._train_iter = self._make_iterator(self.train_split, train=True)
-    train_size = self._split_size(self.train_split)
-    self.steps_per_epoch = state_lib.steps_per_epoch(train_size, self.batch_size)
-    self.total_steps = state_lib.total_steps(config, self.steps_per_epoch)
-
-    self.scales = None
-    if config.scales:
-      self.scales, _ = load_scales(os.path.expanduser(config.scales))
-    model = state_lib.build_model(config, self.scales, num_classes=self.num_classes,
-                                  in_channels=self.spec.channels)
-    self.schedule = state_lib.make_schedule(config, self.steps_per_epoch, self.total_steps)
-    self.tx = state_lib.build_optimizer(config, model, self.scales, schedule=self.schedule)
-    self.graphdef, state = state_lib.init_state(model, self.tx, int(t.seed))
-    _, _, _, self._rest = state_lib.split_model(model)
-    self.state = mesh_lib.put_replicated(state, self.mesh)
-    self.train_step = TrainStep(self.graphdef, self._rest, self.tx, self.mesh, num_classes=self.num_classes,
-                                label_smoothing=float(config.optim.label_smoothing), schedule=self.schedule,
-                                compiler_options=compiler_options)
-    self.eval_step = EvalStep(self.graphdef, self._rest, self.mesh, num_classes=self.num_classes,
-                              compiler_options=compiler_options)
-
+    self.steps_per_epoch, self.total_steps = run.steps_per_epoch, run.total_steps
+    self.scales = run.scales
+    self.schedule, self.tx = run.schedule, run.tx
+    self.graphdef, self._rest, self.state = run.graphdef, run.rest, run.state
+    self.train_step, self.eval_step = run.train_step, run.eval_step
+    model = run.model
+    t = config.train
     self.summary = {
         "arch": config.model.arch if isinstance(config.model.arch, str) else str(config.model.arch),
         "mode": config.model.mode, "optimizer": config.optim.name, "params": count_params(model),
         "macs_per_image": flops(config.model.arch, self.image_size, self.num_classes, mode=config.model.mode,
-                                in_channels=self.spec.channels),
+                                in_channels=run.in_channels),
         "image_size": self.image_size, "num_classes": self.num_classes, "dataset": d.dataset,
-        "train_examples": train_size, "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch,
-        "total_steps": self.total_steps, "devices": n_dev, "processes": self.process_count,
+        "train_examples": run.train_size, "batch_size": self.batch_size, "steps_per_epoch": self.steps_per_epoch,
+        "total_steps": self.total_steps, "devices": self.mesh.size, "processes": self.process_count,
         "platform": self.mesh.devices.flat[0].platform, "compute_dtype": t.compute_dtype,
     }
+    self.workdir = _check_workdir(path)
     self._stop_signal: Optional[int] = None
+    self._saving = False
     self._last_train: dict = {}
     self._checkpointer: Optional[Checkpointer] = None
+    self.resumed_from: Optional[int] = None
 
   # ----------------------------------------------------------------------------------------------- data
-  def _split_size(self, split: str) -> int:
-    sizes = dict(self.spec.splits or {})
-    if split not in sizes:
-      sizes = dict(self.data.dataset_info(self.config.data.dataset, self.config.data.data_dir).splits or {})
-    if split not in sizes:
-      raise ConfigError(f"'data.train_split' / 'data.eval_split': dataset {self.spec.name!r} has no split "
-                        f"{split!r} (splits: {', '.join(sizes) or 'unknown'})")
-    return int(sizes[split])
-
   def _make_iterator(self, split: str, train: bool):
     d = self.config.data
     return self.data.make_iterator(
@@ -173,6 +165,15 @@ class Trainer:
 
   def _global_batch(self, batch):
     return self.data.global_batch(batch, self.mesh)
+
+  def _rederive_data(self, step: int, reason: str) -> None:
+    """The saved data position does not fit this run (another topology): derive it from the step."""
+    self.data.seek(self._train_iter, step, process_index=self.process_index, process_count=self.process_count,
+                   worker_count=int(self.config.data.worker_count))
+    if self.is_main:
+      log.warning("data position re-derived from step %d: the checkpoint's iterator state does not fit this "
+                  "run (%s processes, data.worker_count=%d); %s", step, self.process_count,
+                  int(self.config.data.worker_count), reason[:160])
 
   # ----------------------------------------------------------------------------------------------- model
   @property
@@ -200,19 +201,49 @@ class Trainer:
                                         async_save=bool(t.async_checkpointing))
     return self._checkpointer
 
+  def _start_fresh(self) -> None:
+    """`fresh=True`: moves the old checkpoints, metrics and event files aside; the run starts at step 0."""
+    moved = self._ckpt().move_all_aside()
+    self._checkpointer = None
+    if self.is_main:
+      for name in ("metrics.jsonl", "tensorboard"):
+        src = os.path.join(self.workdir, name)
+        if os.path.exists(src):
+          dest, n = src + ".old", 1
+          while os.path.exists(dest):
+            dest, n = f"{src}.old{n}", n + 1
+          os.rename(src, dest)
+      if moved:
+        log.info("--fresh: starting over from step 0; the previous checkpoints are in %s", moved)
+    self._fresh = False
+
   def restore(self) -> Optional[int]:
-    """Restores the newest readable checkpoint of the workdir (state and data position); its step or None."""
-    out = self._ckpt().restore(self.state, self._train_iter, self.mesh, check_meta=self._check_same_run)
+    """Restores the newest readable checkpoint of the workdir (state and data position); its step or None.
+
+    Raises:
+      CheckpointError: the workdir holds checkpoints but none can be read (nothing was changed).
+      ConfigError: they belong to another run (a config key or the scales differ).
+    """
+    if self._fresh:
+      self._start_fresh()
+      return None
+    out = self._ckpt().restore(self.state, self._train_iter, self.mesh, check_meta=self._check_same_run,
+                               rederive=self._rederive_data)
     if out is None:
       return None
     self.state, meta = out
     self._last_train = dict(meta.get("train") or {})
     return self.step
 
-  # Config keys a resumed run must share with the checkpoint (the state's structure and the data stream
-  # depend on them); the rest (learning rate, epochs, logging, ...) may change between runs.
-  _SAME_RUN_KEYS = ("model.arch", "model.mode", "model.num_classes", "data.dataset", "data.image_size",
-                    "data.train_split", "optim.name", "train.batch_size", "train.seed", "train.compute_dtype")
+  # Config keys a resumed run must share with the checkpoint: everything that changes the trajectory up to
+  # the saved step (model, optimizer, data stream, scales). What may change: train.epochs/steps (a longer or
+  # shorter run; the schedule is recomputed for the new length), evaluation, logging and checkpoint
+  # frequency, eval split and batch, data.data_dir and data.worker_count (same batches), async saving.
+  _SAME_RUN_KEYS = ("model.arch", "model.mode", "model.num_classes", "model.hs_init", "model.reinit_identity",
+                    "model.reinit", "data.dataset", "data.image_size", "data.train_split", "optim.name",
+                    "optim.lr", "optim.momentum", "optim.nesterov", "optim.weight_decay", "optim.warmup_epochs",
+                    "optim.schedule", "optim.label_smoothing", "optim.grad_clip", "optim.b1", "optim.b2",
+                    "optim.eps", "optim.exact", "train.batch_size", "train.seed", "train.compute_dtype")
 
   def _check_same_run(self, meta: dict) -> None:
     saved = meta.get("config")
@@ -224,12 +255,22 @@ class Trainer:
       theirs = saved.get(section, {}).get(name, mine[section][name])
       if theirs != mine[section][name]:
         raise ConfigError(f"work directory {self.workdir} holds checkpoints of another run: {key!r} is "
-                          f"{theirs!r} there and {mine[section][name]!r} here; use another workdir, or the "
-                          "same value to resume")
+                          f"{theirs!r} there and {mine[section][name]!r} here; use another workdir, the "
+                          "same value to resume, or --fresh to start over")
+    theirs = meta.get("scales_sha256", self.run.scales_fingerprint)
+    if theirs != self.run.scales_fingerprint:
+      raise ConfigError(f"work directory {self.workdir} holds checkpoints of another run: the scales file "
+                        f"{self.config.scales!r} holds other values than the scales that run was trained with; "
+                        "use the same scales to resume, another workdir, or --fresh to start over")
 
   def save(self) -> None:
-    """Checkpoints the current state and data position (blocking only for the device-to-host copy)."""
-    meta = {"config": self.config.to_dict(), "train": self._last_train}
+    """Checkpoints the current state and data position (blocking only for the device-to-host copy).
+
+    Raises:
+      CheckpointError: the save (or an earlier background one) failed, e.g. the disk is full.
+    """
+    meta = {"config": self.config.to_dict(), "train": self._last_train, "model": self.run.dims,
+            "scales_sha256": self.run.scales_fingerprint}
     self._ckpt().save(self.step, self.state, self._train_iter, meta)
 
   # ----------------------------------------------------------------------------------------------- signals
@@ -239,8 +280,13 @@ class Trainer:
 
     def handler(signum, frame):
       del frame
-      if signum == signal.SIGINT and self._stop_signal is not None:
-        raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step boundary
+      if self._stop_signal is not None:
+        if self._saving:  # a second signal while the last checkpoint is written: finish writing it
+          if self.is_main:
+            print("saving the checkpoint; it will stop as soon as it is written", file=sys.stderr, flush=True)
+          return
+        if signum == signal.SIGINT:
+          raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step boundary
       self._stop_signal = signum
 
     previous = {}
@@ -273,17 +319,9 @@ class Trainer:
     Returns:
       `{'eval_top1', 'eval_top5', 'eval_loss', 'eval_examples'}`.
     """
-    sums = None
-    for batch in self._make_iterator(self.eval_split, train=False):
-      # The data layer pads the last batch to a whole global batch; `mask` marks the real examples.
-      out = self.eval_step(self.state.params, self.state.batch_stats, self._global_batch(batch))
-      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-    if sums is None:
-      raise ConfigError(f"'data.eval_split' = {self.eval_split!r} gave no batch")
-    sums = jax.device_get(sums)
-    n = float(sums["count"])
-    return {"eval_top1": float(sums["top1"]) / n, "eval_top5": float(sums["top5"]) / n,
-            "eval_loss": float(sums["loss"]) / n, "eval_examples": int(n)}
+    from repopt_jax.train.build import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate(self.run, self.state.params, self.state.batch_stats, self.eval_split,
+                    process_index=self.process_index, process_count=self.process_count)
 
   def fit(self, on_step: Optional[Callable[[int], Any]] = None, evaluate: bool = True) -> dict:
     """Trains from the newest checkpoint (or from scratch) to `total_steps`; evaluates; returns metrics.
@@ -295,38 +333,59 @@ class Trainer:
 
     Returns:
       `{'step', 'epoch', 'train_loss', 'train_accuracy', 'images_per_sec', 'eval_top1', 'eval_top5',
-      'eval_loss', 'preempted', ...}` (eval keys when an evaluation ran at the end).
+      'eval_loss', 'preempted', 'resumed_from', 'already_finished', ...}` (eval keys when an evaluation ran at
+      the end; `signal` and `exit_status` when stopped by a signal).
 
     Raises:
       NonFiniteLossError: a NaN/Inf loss, gradient or parameter; nothing from that step on was saved.
+      CheckpointError: no checkpoint of the workdir can be read, or a save failed (the run stops at once).
     """
     t = self.config.train
-    writer = MetricsWriter(self.workdir, enabled=self.is_main, tensorboard=self._tensorboard)
     ckpt = self._ckpt()
     start = self.restore() or 0
+    ckpt = self._ckpt()
+    if self._write_config:
+      from repopt_jax.runs import write_run_config  # pylint: disable=g-import-not-at-top
+      write_run_config(self.config, self.workdir)
+    self.resumed_from = start or None
+    writer = MetricsWriter(self.workdir, enabled=self.is_main, tensorboard=self._tensorboard, after_step=start)
+    result: dict = {"preempted": False, "resumed_from": self.resumed_from,
+                    "already_finished": start >= self.total_steps}
     if start == 0:
       text = _summary_text(self.summary)
       log.info("%s", text)
       writer.write_text("summary", 0, text, **self.summary)
+    elif start >= self.total_steps:
+      log.info("already finished at step %d; nothing to train (%s)", start, self.workdir)
     else:
+      log.info("resumed from step %d of %d (%s)", start, self.total_steps, os.path.join(self.workdir, "checkpoints"))
       writer.write("resume", start, {"from_step": start})
-    progress = Progress(self.total_steps, start, enabled=self._progress_enabled)
+    progress = Progress(self.total_steps, start, enabled=self._progress_enabled and start < self.total_steps)
     previous_handlers = self._install_signal_handlers()
     log_every, ckpt_every, eval_every = max(int(t.log_every), 1), int(t.checkpoint_every), int(t.eval_every)
-    result: dict = {"preempted": False}
     window = _Window()
     pending = None  # (step, metrics on device) of the last dispatched step: read one step late.
     step = start
+    compiling = self._progress_enabled and start < self.total_steps
+    if compiling:  # the first call compiles (tens of seconds for a large model): say so, not a bar at 0%
+      cached = jax.config.jax_compilation_cache_dir
+      log.info("compiling the train step%s ...", f" (compilation cache: {cached})" if cached else "")
+      t_compile = time.perf_counter()
     try:
       while step < self.total_steps:
         batch = self._global_batch(next(self._train_iter))
         self.state, metrics = self.train_step(self.state, batch)
+        if compiling:  # jit compiles synchronously in the first call; the step itself runs on
+          log.info("compiled in %.1f s", time.perf_counter() - t_compile)
+          progress.start()
+          compiling = False
         step += 1
         if pending is not None:
           self._consume(*pending, window, writer, progress, log_every)
         pending = (step, metrics)
         if on_step is not None:
           on_step(step)
+        ckpt.check()  # a background save that failed (disk full, ...) stops the run here, at once
         stop = self._stop_requested(step)
         at_end = step == self.total_steps
         want_eval = evaluate and (at_end or (eval_every and step % eval_every == 0))
@@ -335,6 +394,7 @@ class Trainer:
           self._consume(*pending, window, writer, progress, log_every)
           pending = None
         if want_save:
+          self._saving = stop or at_end
           self.save()
         if want_eval and not stop:
           ev = self.evaluate()
@@ -342,7 +402,8 @@ class Trainer:
           result.update(ev)
         if stop:
           result["preempted"] = True
-          result["signal"] = signal.Signals(self._stop_signal).name if self._stop_signal else "peer"
+          result["signal"] = signal.Signals(self._stop_signal).name if self._stop_signal else "SIGTERM"
+          result["exit_status"] = exit_status(result["signal"])
           writer.write("preempted", step, {"signal": result["signal"]})
           break
       if pending is not None:
@@ -350,13 +411,27 @@ class Trainer:
       if start >= self.total_steps and evaluate:  # Nothing left to train: report the restored state.
         ev = self.evaluate()
         result.update(ev)
+      self._saving = True
+      ckpt.wait()  # the last save is complete (or its failure raised) before the signal handlers go
+    except BaseException as e:
+      lost = mesh_lib.peer_error(e, step) if isinstance(e, Exception) else None
+      if lost is not None:  # a peer is gone: waiting for the checkpointer's cross-process barriers would hang
+        raise lost from None
+      try:
+        ckpt.close()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the error being raised says what went wrong; a second one from the same save adds nothing
+      self._checkpointer = None
+      raise
     finally:
       self._restore_signal_handlers(previous_handlers)
       self._stop_signal = None
+      self._saving = False
       progress.close()
-      ckpt.wait()
       writer.close()
-    result.update({"step": step, "epoch": step / self.steps_per_epoch, **self._last_train})
+    result.update({"step": step, "epoch": step / self.steps_per_epoch})
+    if start < self.total_steps:
+      result.update(self._last_train)
     return result
 
   def _consume(self, step: int, metrics, window: "_Window", writer: MetricsWriter, progress: Progress,

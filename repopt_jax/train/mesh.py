@@ -20,6 +20,47 @@ DATA_AXIS = "data"
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+# How long a multi-process run waits for every process to join, and for a silent peer before it is declared
+# dead (seconds). jax's own defaults are 300 s and 100 s, and they end in a C++ abort.
+ENV_INIT_TIMEOUT = "REPOPT_JAX_INIT_TIMEOUT"
+ENV_HEARTBEAT_TIMEOUT = "REPOPT_JAX_HEARTBEAT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT = 60
+DEFAULT_HEARTBEAT_TIMEOUT = 30
+
+
+class PeerError(RuntimeError):
+  """A process of a multi-process run did not join it, or stopped answering (the message names it)."""
+
+
+def _timeout(name: str, default: int) -> int:
+  text = os.environ.get(name)
+  if not text:
+    return default
+  try:
+    value = int(float(text))
+  except ValueError:
+    value = 0
+  if value <= 0:
+    from repopt_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"environment variable {name}={text!r} must be a positive number of seconds")
+  return value
+
+
+def _others(process_id: Optional[int], num_processes: Optional[int]) -> str:
+  """Who a process is waiting for, in words."""
+  n = int(num_processes or 0)
+  if process_id is None or n < 2:
+    return "a process"
+  if process_id != 0:
+    return "process 0 (the coordinator)" if n == 2 else "process 0 (the coordinator) or another process"
+  return "process 1" if n == 2 else f"one of processes 1-{n - 1}"
+
+
+def _exit_now(message: str, status: int = 2) -> None:
+  """Prints one line and leaves at once: jax's exit handlers would wait for the missing peer (and abort)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _distributed_is_initialized() -> bool:
@@ -33,7 +74,9 @@ def _distributed_is_initialized() -> bool:
 def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                                  process_id: Optional[int] = None,
                                  local_device_ids: Optional[Sequence[int]] = None,
-                                 cpu_collectives: str = "gloo", auto: bool = False) -> tuple[int, int]:
+                                 cpu_collectives: str = "gloo", auto: bool = False,
+                                 initialization_timeout: Optional[int] = None,
+                                 heartbeat_timeout: Optional[int] = None) -> tuple[int, int]:
   """Joins a multi-process JAX run when one is asked for; a no-op for a single process.
 
   A run is multi-process when `coordinator_address` is given, or when the environment sets
@@ -49,6 +92,11 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     cpu_collectives: 'gloo' or 'mpi', for CPU-only runs.
     auto: without a coordinator address, let `jax.distributed.initialize()` detect the cluster itself
       (TPU pods, SLURM, Open MPI, ...).
+    initialization_timeout: seconds to wait for every process to join (default `$REPOPT_JAX_INIT_TIMEOUT`,
+      else 60). Past it, the process prints one line naming the process it waited for and exits with
+      status 2 (instead of jax's C++ abort after 300 s).
+    heartbeat_timeout: seconds without a heartbeat after which a peer counts as dead (default
+      `$REPOPT_JAX_HEARTBEAT_TIMEOUT`, else 30).
 
   Returns:
     `(jax.process_index(), jax.process_count())`.
@@ -66,9 +114,41 @@ def maybe_initialize_distributed(coordinator_address: Optional[str] = None, num_
     if cpu_collectives and (platforms in ("", "cpu") or platforms.startswith("cpu")):
       # CPU devices of different processes only talk through an explicit collectives library.
       jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+    import threading  # pylint: disable=g-import-not-at-top
+
+    init_timeout = int(initialization_timeout or _timeout(ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT))
+    heartbeat = int(heartbeat_timeout or _timeout(ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT))
+    joined = threading.Event()
+
+    def watchdog():  # jax.distributed.initialize blocks in C++ (GIL released) and aborts on its own timeout
+      if not joined.wait(init_timeout):
+        _exit_now(f"{_others(process_id, num_processes)} did not join the {num_processes}-process run at "
+                  f"{coordinator_address} within {init_timeout} s (this is process {process_id}; "
+                  f"{ENV_INIT_TIMEOUT} sets the wait); stopped")
+
+    threading.Thread(target=watchdog, name="repopt_jax_join_watchdog", daemon=True).start()
+    try:
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id, local_device_ids=local_device_ids,
+                                 initialization_timeout=init_timeout + 30, heartbeat_timeout_seconds=heartbeat)
+    finally:
+      joined.set()
   return jax.process_index(), jax.process_count()
+
+
+def peer_error(error: BaseException, step: Optional[int] = None) -> Optional[PeerError]:
+  """A `PeerError` naming the lost process when `error` is a failed cross-process exchange, else None."""
+  if jax.process_count() < 2:
+    return None
+  text = " ".join(str(error).split())
+  markers = ("Gloo", "gloo", "Connection reset", "Connection refused", "UNAVAILABLE", "coordination service",
+             "DEADLINE_EXCEEDED", "Socket closed", "peer")
+  if not any(m in text for m in markers):
+    return None
+  who = _others(jax.process_index(), jax.process_count())
+  at = f" at step {step}" if step is not None else ""
+  return PeerError(f"lost contact with {who} of the {jax.process_count()}-process run{at} ({text[:200]}); "
+                   "the checkpoints are intact: start every process again to resume")
 
 
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -114,3 +194,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """The sharding of a batch: the leading axis split over 'data'."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+# The JAX persistent compilation cache of the command line (kept in `repopt_jax.config`: no jax import).
+from repopt_jax.config import (ENV_CACHE_DIR, compilation_cache_dir,  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+                               enable_compilation_cache)

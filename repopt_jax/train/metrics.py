@@ -35,13 +35,19 @@ class MetricsWriter:
     workdir: the run's directory.
     enabled: False on every process but 0.
     tensorboard: also write TensorBoard event files under `<workdir>/tensorboard`.
+    after_step: the step the run (re)starts from: records of later steps already in `metrics.jsonl` (written
+      by a run killed after its last checkpoint, whose steps are trained again now) are dropped, so that the
+      file holds each step once; 0 starts the file afresh. None keeps the file as it is.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+               after_step: Optional[int] = None):
     self.enabled = enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._file = None
     self._tb = None
+    if enabled and after_step is not None and os.path.exists(self.path):
+      _truncate_after(self.path, int(after_step))
     if enabled:
       self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       if tensorboard:
@@ -89,12 +95,17 @@ class Progress:
 
   def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
     self._bar = None
-    if enabled:
+    self._args = dict(total=total, initial=initial, desc=desc) if enabled else None
+
+  def start(self) -> None:
+    """Shows the bar (else it appears with the first update): after the first step has compiled."""
+    if self._bar is None and self._args is not None:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+      self._bar = tqdm(**self._args, unit="step", dynamic_ncols=True, leave=True)
 
   def update(self, n: int, loss: Optional[float] = None, accuracy: Optional[float] = None,
              images_per_sec: Optional[float] = None) -> None:
+    self.start()
     if self._bar is None:
       return
     post = {}
@@ -112,6 +123,23 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
+    self._args = None
+
+
+def _truncate_after(path: str, step: int) -> None:
+  """Keeps the records of `path` up to `step` (none when `step` is 0); written atomically."""
+  keep = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a kill
+      if step and isinstance(record, dict) and int(record.get("step", 0)) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def read_jsonl(path: str) -> list[dict]:

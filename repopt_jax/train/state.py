@@ -41,11 +41,15 @@ def compute_dtype(config: Config):
 
 def build_model(config: Config, scales: Optional[dict] = None, *, num_classes: Optional[int] = None,
                 in_channels: Optional[int] = None, seed: Optional[int] = None):
-  """The `RepOptVGG` a config describes, initialised (Rule of Initialization for a RepOptimizer run).
+  """The model a config describes, initialised (Rule of Initialization for a RepOptimizer run).
+
+  A RepOpt-VGG size is a `RepOptVGG` in `model.mode`; any other `model.arch` (`models.available_archs()`,
+  e.g. 'resnet18_cifar') is its plain NNX model, or its `csla.hyper_search_model` / `csla.csla_model`.
 
   Args:
     config: a `Config` (sections model, data, train).
-    scales: `{block_name: CSLAScales}`; required for mode 'csla' and for a target model trained by a
+    scales: `{block_name: CSLAScales}` (RepOpt-VGG) or `{kernel_path: CSLAScales}` (any other model);
+      required for mode 'csla' and for a target model trained by a
       RepOptimizer (then the kernels are re-initialised from them, identity from the trained gamma unless
       `model.reinit_identity` is 'ones').
     num_classes: overrides `model.num_classes`; one of the two must be set (the trainer takes it from the
@@ -56,7 +60,7 @@ def build_model(config: Config, scales: Optional[dict] = None, *, num_classes: O
   Returns:
     An `nnx.Module` in train mode with float32 params and `train.compute_dtype` activations.
   """
-  from repopt_jax.models import RepOptVGG, get_arch, reparam  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import RepOptVGG, build_generic, get_arch, is_vgg, reparam  # pylint: disable=g-import-not-at-top
   from repopt_jax.models.vgg import check_scales_for  # pylint: disable=g-import-not-at-top
 
   num_classes = num_classes or config.model.num_classes
@@ -73,10 +77,16 @@ def build_model(config: Config, scales: Optional[dict] = None, *, num_classes: O
   if mode == "hs":
     kwargs["hs_init"] = config.model.hs_init
   reinit = scales is not None and mode == "target" and config.model.reinit
-  if scales is not None and mode in ("target", "csla"):
+  vgg = is_vgg(config.model.arch)
+  if scales is not None and mode in ("target", "csla") and vgg:
     check_scales_for(get_arch(config.model.arch), scales, int(in_channels or 3))  # ScalesError naming the block
 
   def create():
+    if not vgg:  # any other architecture: the generic CSLA machinery (scales keyed by kernel paths)
+      return build_generic(config.model.arch, mode, scales=scales if mode in ("target", "csla") else None,
+                           hs_init=config.model.hs_init, reinit=reinit,
+                           reinit_identity=config.model.reinit_identity, seed=seed,
+                           **{k: kwargs[k] for k in ("num_classes", "in_channels", "dtype", "param_dtype")})
     model = RepOptVGG(config.model.arch, mode, rngs=nnx.Rngs(seed), **kwargs)
     if reinit:
       # Rule of Initialization: W'(0) = s*W3(0) + t*pad(W1(0)) + diag(gamma), fresh branch kernels.
@@ -148,7 +158,11 @@ def build_optimizer(config: Config, model, scales: Optional[dict] = None, *,
   Raises:
     ConfigError: clipping with a RepOptimizer, a RepOptimizer without scales or on a non-target model.
   """
-  from repopt_jax.models import reparam  # pylint: disable=g-import-not-at-top
+  from repopt_jax import csla  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import RepOptVGG, reparam  # pylint: disable=g-import-not-at-top
+
+  def tree(model, scales):  # official block names for RepOpt-VGG, kernel paths for any other model
+    return reparam.scales_tree(model, scales) if isinstance(model, RepOptVGG) else csla.scales_tree(model, scales)
 
   o = config.optim
   lr = float(o.lr) if schedule is None else schedule
@@ -160,13 +174,13 @@ def build_optimizer(config: Config, model, scales: Optional[dict] = None, *,
       raise ConfigError(f"'optim.name' = {o.name!r} needs the constant scales: set 'scales' to a scales file")
     if config.model.mode != "target":
       raise ConfigError(f"'optim.name' = {o.name!r} trains the target model; got model.mode={config.model.mode!r}")
-  mask = reparam.weight_decay_mask(model)
+  mask = csla.weight_decay_mask(model)  # one rule for every model (kernels and identity weights decay)
   wd = float(o.weight_decay)
   if o.name == "repopt_sgd":
-    tx = repopt_optim.repopt_sgd(lr, reparam.scales_tree(model, scales), momentum=o.momentum,
+    tx = repopt_optim.repopt_sgd(lr, tree(model, scales), momentum=o.momentum,
                                  nesterov=o.nesterov, weight_decay=wd, weight_decay_mask=mask)
   elif o.name == "repopt_adamw":
-    tx = repopt_optim.repopt_adamw(lr, reparam.scales_tree(model, scales), b1=o.b1, b2=o.b2, eps=o.eps,
+    tx = repopt_optim.repopt_adamw(lr, tree(model, scales), b1=o.b1, b2=o.b2, eps=o.eps,
                                    weight_decay=wd, weight_decay_mask=mask, exact=o.exact)
   elif o.name == "sgd":
     tx = optax.chain(optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
@@ -199,3 +213,56 @@ def total_steps(config: Config, per_epoch: int) -> int:
   if config.train.steps is not None:
     return int(config.train.steps)
   return int(math.ceil(float(config.train.epochs) * per_epoch))
+
+
+def load_run_scales(config: Config) -> Optional[dict]:
+  """The scales file a config names (`scales`), read once and checked: `{block: CSLAScales}` or None.
+
+  The one place a run's scales are read: the file must be a repopt_jax `.npz` or an official `.pth`, and
+  no block may have all its branch scales zero (its kernel could never move, or only its identity
+  diagonal could).
+
+  Raises:
+    ScalesError: no such file, a file of neither format, or a block whose scales are all zero (named).
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from repopt_jax.scales import ScalesError, load_scales  # pylint: disable=g-import-not-at-top
+
+  if not config.scales:
+    return None
+  path = os.path.abspath(os.path.expanduser(config.scales))
+  if not os.path.isfile(path):
+    raise ScalesError(f"scales file {config.scales} does not exist (config key 'scales')")
+  try:
+    scales, _ = load_scales(path)
+  except ScalesError as e:
+    text = str(e)
+    if "pickle" in text or "corrupt or unreadable" in text or "zip" in text.lower():
+      raise ScalesError(f"{path}: neither a repopt_jax .npz scales file nor an official PyTorch .pth "
+                        "checkpoint (corrupt, truncated or another format)") from None
+    raise
+  for name, s in scales.items():
+    parts = [s.conv, s.pointwise] + [w for _, w in (s.extra or ())]
+    if all(p is None or not np.any(np.asarray(p)) for p in parts):
+      what = "only its identity diagonal can move" if s.identity else "its kernel can never move"
+      raise ScalesError(f"{path}: block {name!r} has every branch scale zero (s and t are 0 for every "
+                        f"channel): {what} under the Grad Mult; use scales from Hyper-Search")
+  return scales
+
+
+def scales_fingerprint(scales: Optional[dict]) -> Optional[str]:
+  """A SHA-256 of the scales' values (block names and arrays): what a resumed run must share."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  if scales is None:
+    return None
+  h = hashlib.sha256()
+  for name in sorted(scales):
+    s = scales[name]
+    h.update(name.encode())
+    for part in (s.conv, s.pointwise, s.identity_init, *(w for _, w in (s.extra or ()))):
+      h.update(b"-" if part is None else np.ascontiguousarray(np.asarray(part, np.float64)).tobytes())
+    h.update(b"I" if s.identity else b"i")
+  return h.hexdigest()

@@ -36,8 +36,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  """True iff every element of every leaf is finite, as one fused sum-of-squares pass per leaf.
+
+  `isfinite(global_norm(tree))`: any inf or NaN makes the norm non-finite. Exact except that a tree whose
+  squares overflow (a norm above ~1.8e19 in float32) also counts as not finite, which is what a train step
+  should report anyway. On XLA's CPU backend `jnp.all(jnp.isfinite(x))` is a boolean reduction that costs
+  about 7 times the norm (70 ms vs 10 ms per pass over RepOpt-VGG-B1's 52M parameters, which was 15% of
+  the B1 step at 64 px; experiments/profile_step.py).
+  """
+  leaves = jax.tree.leaves(tree)
+  return jnp.isfinite(optax.global_norm(leaves)) if leaves else jnp.array(True)
 
 
 class TrainStep:
@@ -70,10 +78,12 @@ class TrainStep:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+      grad_norm = optax.global_norm(grads)
       metrics = {
-          "loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads),
+          "loss": loss, "accuracy": accuracy, "grad_norm": grad_norm,
           "lr": jnp.asarray(schedule(state.step) if callable(schedule) else 0.0, jnp.float32),
-          "finite": jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params),
+          # The gradient norm is finite iff every gradient is (see _all_finite): no second pass over them.
+          "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params),
       }
       new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
                              rng=state.rng)

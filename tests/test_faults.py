@@ -1,0 +1,469 @@
+"""Fault injection on the digits config (issue 10): every case that used to lose work or mislead.
+
+One short run (6 steps, checkpoints at 2, 4, 6) is trained once; each test works on a copy of it. The faults:
+bit flips and truncation in checkpoint files, every checkpoint corrupt, a saved data position that does not
+fit (another worker count, another process count), another device count, a full disk (a file-size limit),
+signals and their exit statuses, a second Ctrl-C during the save, resume messages, a changed scales file,
+bad input that must leave nothing behind, and read-only commands on a read-only mount.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from repopt_jax import runs, save_scales
+from repopt_jax.cli import main
+from repopt_jax.config import ConfigError, load_config
+from repopt_jax.models import reparam
+from repopt_jax.train import Trainer, build_model, read_jsonl
+from repopt_jax.train.checkpoint import CheckpointError, CheckpointWarning
+from test_train_common import FAST, REPO, digits_dir, host_params, python_env
+
+STEPS = 6
+BASE = ["train.epochs=null", f"train.steps={STEPS}", "train.batch_size=32", "train.checkpoint_every=2",
+        "train.keep_checkpoints=3", "train.log_every=1", "optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def ddir(tmp_path_factory):
+  return digits_dir(tmp_path_factory)
+
+
+def _overrides(ddir, *extra):
+  return [f"data.data_dir={ddir}", *BASE, *extra]
+
+
+@pytest.fixture(scope="module")
+def base(ddir, tmp_path_factory):
+  """A finished 6-step run (checkpoints 2, 4, 6 and config.json) and its final params."""
+  work = str(tmp_path_factory.mktemp("faults") / "base")
+  trainer = Trainer("digits_tiny", work, overrides=_overrides(ddir), progress=False, tensorboard=False,
+                    compiler_options=FAST, write_config=True)
+  trainer.fit(evaluate=False)
+  return work, host_params(trainer.state)
+
+
+def _copy(base, tmp_path, name="run") -> str:
+  dest = str(tmp_path / name)
+  shutil.copytree(base[0], dest)
+  return dest
+
+
+def _snapshot(path) -> dict:
+  """Every file and folder under `path` with its size and modification time (and the folders' own)."""
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      p = os.path.join(root, name)
+      st = os.stat(p)
+      out[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns)
+  out["."] = os.stat(path).st_mtime_ns
+  return out
+
+
+def _steps(work):
+  return sorted(os.listdir(os.path.join(work, "checkpoints")))
+
+
+def _state_file(work, step):
+  """The largest file of a checkpoint's `state` item (where the array bytes are)."""
+  files = [p for p in glob.glob(os.path.join(work, "checkpoints", str(step), "state", "**"), recursive=True)
+           if os.path.isfile(p)]
+  return max(files, key=os.path.getsize)
+
+
+def _raw_params(work, step):
+  """The params of a checkpoint as orbax alone restores them (no checksum verification)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  m = ocp.CheckpointManager(os.path.join(work, "checkpoints"),
+                            options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                            item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  tree = m.item_metadata(step)["state"].tree
+  target = {"params": jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree["params"])}
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  try:
+    return m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True)))["state"]["params"]
+  finally:
+    m.close()
+
+
+def _flip_silently(work, step):
+  """Flips 8 bytes of a checkpoint's array data where orbax restores the params without any error (the
+  silent corruption of the issue); returns the offset."""
+  path = _state_file(work, step)
+  clean = _raw_params(work, step)
+  with open(path, "rb") as f:
+    blob = f.read()
+  for offset in range(512, len(blob) - 8, max(len(blob) // 40, 1)):
+    bad = bytearray(blob)
+    bad[offset:offset + 8] = bytes(b ^ 0xFF for b in blob[offset:offset + 8])
+    with open(path, "wb") as f:
+      f.write(bad)
+    try:
+      got = _raw_params(work, step)
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(clean))):
+      return offset
+  raise AssertionError("no offset flips a param silently")
+
+
+def _model_params(model) -> dict:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _cli(capsys, argv):
+  code = main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+# ------------------------------------------------------------------------------------------------ load_model
+def test_load_model_restores_the_newest_checkpoint_read_only(base, tmp_path):
+  work = _copy(base, tmp_path)
+  before = _snapshot(work)
+  model, config = runs.load_model(work)
+  assert config.data.dataset == "digits" and config.train.steps == STEPS
+  assert _snapshot(work) == before  # nothing created, renamed or deleted, not even temporarily
+  expected = {k[len("params"):]: v for k, v in base[1].items() if k.startswith("params")}
+  got = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
+         jax.tree_util.tree_flatten_with_path(_model_params(model))[0]}
+  assert got.keys() == expected.keys()
+  chex.assert_trees_all_equal(got, expected)
+  # Eval mode: BatchNorm uses the running statistics, so one image's logits do not depend on the batch.
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 1)).astype(np.float32)
+  chex.assert_trees_all_close(model(x)[:1], model(x[:1]), atol=1e-5)
+  # An older step on request.
+  older, _ = runs.load_model(work, step=4)
+  assert not np.array_equal(jax.tree.leaves(_model_params(older))[0], jax.tree.leaves(_model_params(model))[0])
+
+
+# ------------------------------------------------------------------------------------------------ item 3
+def test_flipped_bytes_fail_the_checksum_and_the_previous_checkpoint_is_used(base, tmp_path):
+  work = _copy(base, tmp_path)
+  _flip_silently(work, 6)
+  step4, _ = runs.load_model(base[0], step=4)
+  before = _snapshot(work)
+  with pytest.warns(CheckpointWarning, match=r"6 is unreadable \(checksum mismatch in \['"):
+    model, _ = runs.load_model(work)
+  chex.assert_trees_all_equal(_model_params(model), _model_params(step4))
+  assert _snapshot(work) == before  # read-only: the bad checkpoint is reported, not moved
+
+  # Training (not read-only) moves it aside so that step 6 can be saved again, and resumes from step 4.
+  trainer = Trainer(load_config(os.path.join(work, "config.json")), work, progress=False, tensorboard=False,
+                    compiler_options=FAST)
+  with pytest.warns(CheckpointWarning, match="checksum"):
+    out = trainer.fit(evaluate=False)
+  assert out["resumed_from"] == 4 and out["step"] == STEPS
+  assert "6.corrupt" in _steps(work)
+  chex.assert_trees_all_equal(host_params(trainer.state), base[1])
+
+
+# ------------------------------------------------------------------------------------------------ item 2
+def test_all_checkpoints_unreadable_stops_in_one_line_then_fresh_is_a_clean_run(base, tmp_path, capsys):
+  work = _copy(base, tmp_path)
+  for step in (2, 4, 6):
+    path = _state_file(work, step)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 3)
+  before = _snapshot(work)
+  cfg = os.path.join(tmp_path, "config.json")
+  shutil.copy(os.path.join(work, "config.json"), cfg)
+  code, out, err = _cli(capsys, ["train", cfg, "--workdir", work, "--no-progress", "--fast-compile"])
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: no checkpoint in"), err
+  assert all(f"step {s}:" in lines[0] for s in (6, 4, 2)) and "--fresh" in lines[0]
+  assert _snapshot(work) == before  # nothing renamed before asking
+
+  code, out, err = _cli(capsys, ["train", cfg, "--workdir", work, "--no-progress", "--fast-compile", "--fresh"])
+  assert code == 0, err
+  assert os.path.isdir(os.path.join(work, "checkpoints.old", "6"))  # kept aside, not deleted
+  trainer = Trainer(load_config(os.path.join(work, "config.json")), work, progress=False, tensorboard=False)
+  assert trainer.restore() == STEPS
+  chex.assert_trees_all_equal(host_params(trainer.state), base[1])  # exactly the clean run
+  train = [r["step"] for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if r["kind"] == "train"]
+  assert train == list(range(1, STEPS + 1))
+
+
+# ------------------------------------------------------------------------------------------------ item 1
+def test_resume_with_another_worker_count_or_process_count_is_bit_identical(base, ddir, tmp_path, caplog):
+  for name, extra, fake_processes in (("workers", ["data.worker_count=1"], False), ("processes", [], True)):
+    work = _copy(base, tmp_path, name)
+    shutil.rmtree(os.path.join(work, "checkpoints", "6"))  # killed after step 6, before its checkpoint
+    if fake_processes:  # as if written by 2 processes: no state file for a single process
+      data = os.path.join(work, "checkpoints", "4", "data")
+      os.rename(os.path.join(data, "process_0-of-1.json"), os.path.join(data, "process_0-of-2.json"))
+      shutil.copy(os.path.join(data, "process_0-of-2.json"), os.path.join(data, "process_1-of-2.json"))
+    caplog.clear()
+    trainer = Trainer("digits_tiny", work, overrides=_overrides(ddir, *extra), progress=False, tensorboard=False,
+                      compiler_options=FAST)
+    out = trainer.fit(evaluate=False)
+    assert out["resumed_from"] == 4, name
+    assert "data position re-derived from step 4" in caplog.text, name
+    assert not [s for s in _steps(work) if "corrupt" in s], name
+    chex.assert_trees_all_equal(host_params(trainer.state), base[1])
+
+
+def test_seek_gives_the_batches_of_an_iterator_that_read_up_to_there(ddir):
+  from repopt_jax import data  # pylint: disable=g-import-not-at-top
+  for workers in (0, 2):
+    kw = dict(global_batch_size=32, train=True, seed=1, data_dir=ddir, worker_count=workers, process_index=1,
+              process_count=2)
+    ref = data.make_iterator("digits", **kw)
+    expected = [next(ref) for _ in range(7)][5:]
+    it = data.make_iterator("digits", **kw)
+    data.seek(it, 5, process_index=1, process_count=2, worker_count=workers)
+    chex.assert_trees_all_equal([next(it) for _ in range(2)], expected)
+
+
+def test_resume_on_another_number_of_devices_continues(base, ddir, tmp_path):
+  work = _copy(base, tmp_path)
+  shutil.rmtree(os.path.join(work, "checkpoints", "6"))
+  trainer = Trainer("digits_tiny", work, overrides=_overrides(ddir), devices=jax.devices()[:2], progress=False,
+                    tensorboard=False, compiler_options=FAST)
+  out = trainer.fit(evaluate=False)
+  assert out["resumed_from"] == 4 and out["step"] == STEPS and trainer.mesh.size == 2
+  chex.assert_trees_all_close(host_params(trainer.state), base[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs unshare and root")
+def test_eval_works_on_a_read_only_mount_and_writes_nothing(base, tmp_path):
+  work = _copy(base, tmp_path)
+  mnt = str(tmp_path / "ro")
+  os.makedirs(mnt)
+  before = _snapshot(work)
+  script = (f"mount --bind {work} {mnt} && mount -o remount,bind,ro {mnt} && touch {mnt}/probe 2>/dev/null; "
+            f"{sys.executable} -m repopt_jax eval --workdir {mnt} --json --fast-compile")
+  env = python_env(1)
+  env["REPOPT_JAX_CACHE_DIR"] = str(tmp_path / "cache")
+  proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                        timeout=300, check=False)
+  if "mount:" in proc.stderr and proc.returncode:
+    pytest.skip(f"cannot bind-mount read-only here: {proc.stderr[-300:]}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
+  assert _snapshot(work) == before
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+_DISK_FULL = r"""
+import resource, signal, sys
+from repopt_jax.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # writes past the limit fail with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))  # a 'full disk' for any file over 60 kB
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failed_save_stops_the_run_at_once_in_one_line(base, tmp_path):
+  work = _copy(base, tmp_path)
+  proc = subprocess.run([sys.executable, "-c", _DISK_FULL, "train", os.path.join(work, "config.json"), "--workdir", work, "--no-progress",
+                         "--fast-compile", "train.steps=12"], capture_output=True, text=True,
+                        env=dict(python_env(1), REPOPT_JAX_CACHE_DIR="off"), cwd=REPO, timeout=300, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "saving the checkpoint of step 8" in errors[0], proc.stderr[-2000:]
+  assert "last good checkpoint (step 6)" in errors[0]
+  train = [r["step"] for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if r["kind"] == "train"]
+  assert max(train) <= 10  # stopped at the first step boundary that saw the failure, not at the end (12)
+  model, _ = runs.load_model(work)  # the last good checkpoint is intact
+  assert "6" in _steps(work)
+
+
+# ------------------------------------------------------------------------------------------------ item 5
+def _spawn_cli(args, log):
+  return subprocess.Popen([sys.executable, "-m", "repopt_jax", *map(str, args)], stdout=log,
+                          stderr=subprocess.STDOUT, env=dict(python_env(1), REPOPT_JAX_CACHE_DIR="off"), cwd=REPO)
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stopped_run_exits_with_128_plus_the_signal(base, tmp_path, sig, status):
+  work = _copy(base, tmp_path)
+  metrics = os.path.join(work, "metrics.jsonl")
+  n0 = len(read_jsonl(metrics))
+  with open(tmp_path / "log", "w") as log:
+    proc = _spawn_cli(["train", os.path.join(work, "config.json"), "--workdir", work,  # with the progress bar
+                       "--fast-compile", "train.steps=100000"], log)
+    deadline = time.time() + 240
+    while len(read_jsonl(metrics)) < n0 + 3:  # resumed and training
+      assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()[-3000:]
+      time.sleep(0.05)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+  text = (tmp_path / "log").read_text()
+  assert code == status, text[-3000:]
+  assert f"stopped by {sig.name}" in text and "Traceback" not in text
+  assert "resumed from step 6" in text and "compiling the train step" in text  # a line, not a bar at 0%
+  assert max(int(s) for s in _steps(work) if s.isdigit()) > STEPS  # saved where it stopped
+
+
+def test_a_second_ctrl_c_during_the_save_does_not_drop_it(base, ddir, tmp_path, monkeypatch):
+  from repopt_jax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
+  work = _copy(base, tmp_path)
+  save = ckpt_lib.Checkpointer.save
+
+  def save_interrupted(self, *args, **kwargs):
+    if trainer._stop_signal is not None:  # pylint: disable=protected-access
+      signal.raise_signal(signal.SIGINT)  # the impatient second Ctrl-C, while the checkpoint is written
+    return save(self, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "save", save_interrupted)
+  trainer = Trainer("digits_tiny", work, overrides=_overrides(ddir, "train.steps=20"), progress=False,
+                    tensorboard=False, compiler_options=FAST)
+  out = trainer.fit(on_step=lambda s: signal.raise_signal(signal.SIGINT) if s == 9 else None, evaluate=False)
+  assert out["preempted"] and out["signal"] == "SIGINT" and out["exit_status"] == 130 and out["step"] == 9
+  monkeypatch.undo()
+  assert "9" in _steps(work) and runs.load_model(work)[0] is not None
+
+
+# ------------------------------------------------------------------------------------------------ item 6
+def test_resume_says_so_and_metrics_hold_each_step_once(base, tmp_path, capsys, caplog):
+  work = _copy(base, tmp_path)
+  cfg = os.path.join(work, "config.json")
+  code, out, err = _cli(capsys, ["train", cfg, "--workdir", work, "--no-progress", "--fast-compile"])
+  assert code == 0 and out.startswith(f"already finished at step {STEPS}; nothing to train"), out + err
+  assert "images/s" not in out
+
+  shutil.rmtree(os.path.join(work, "checkpoints", "6"))  # killed after logging steps 5 and 6, before saving 6
+  caplog.clear()
+  code, out, err = _cli(capsys, ["train", cfg, "--workdir", work, "--no-progress", "--fast-compile",
+                                 "train.steps=8"])
+  assert code == 0, err
+  assert "resumed from step 4" in caplog.text + err
+  train = [r["step"] for r in read_jsonl(os.path.join(work, "metrics.jsonl")) if r["kind"] == "train"]
+  assert train == list(range(1, 9))
+
+
+def _scales_file(path, factor):
+  hs = build_model(load_config("digits_tiny_hs"), num_classes=10, in_channels=1, seed=3)
+  scales = {k: dataclasses.replace(s, conv=s.conv * factor) for k, s in reparam.scales_from_hs(hs).items()}
+  save_scales(path, scales, {"arch": "tiny"})
+  return scales
+
+
+def test_resume_with_other_scales_is_refused(ddir, tmp_path, capsys):
+  a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+  _scales_file(a, 1.3)
+  _scales_file(b, 0.7)
+  work = str(tmp_path / "repopt")
+  argv = ["train", "--workdir", work, "--no-progress", "--fast-compile", f"data.data_dir={ddir}",
+          "train.epochs=null", "train.steps=2"]
+  assert _cli(capsys, argv + ["--scales", a])[0] == 0
+  shutil.copy(b, a)  # the same path, other values
+  before = _snapshot(work)
+  code, out, err = _cli(capsys, argv + ["--scales", a, "train.steps=4"])
+  assert code == 2 and "error:" in err and "scales" in err and "another run" in err, err
+  assert _snapshot(work) == before
+
+
+# ------------------------------------------------------------------------------------------------ item 7
+def test_bad_input_is_refused_in_one_line_and_leaves_nothing_behind(base, ddir, tmp_path, capsys):
+  hs = build_model(load_config("digits_tiny_hs"), num_classes=10, in_channels=1, seed=3)
+  scales = reparam.scales_from_hs(hs)
+  name = sorted(scales)[1]
+  s = scales[name]
+  scales[name] = dataclasses.replace(s, conv=np.zeros_like(s.conv),
+                                     pointwise=None if s.pointwise is None else np.zeros_like(s.pointwise))
+  zero = str(tmp_path / "zero.npz")
+  save_scales(zero, scales, {"arch": "tiny"})
+  corrupt = tmp_path / "corrupt.npz"
+  corrupt.write_bytes(os.urandom(4000))
+  d = f"data.data_dir={ddir}"
+  cases = [
+      (["train", "--scales", zero, d], f"block {name!r} has every branch scale zero"),
+      (["train", "--scales", str(corrupt), d], "neither a repopt_jax .npz scales file nor an official PyTorch"),
+      (["train", d, "optim.lr=NaN"], "'optim.lr' = nan is not a finite number"),
+      (["train", d, "optim.lr=Infinity"], "'optim.lr' = inf is not a finite number"),
+      (["train", d, "train.batch_size=2000", "train.eval_batch_size=8"], "larger than the 1437 examples"),
+  ]
+  for i, (argv, message) in enumerate(cases):
+    work = tmp_path / f"w{i}" / "run"
+    code, out, err = _cli(capsys, [*argv, "--workdir", work, "--no-progress"])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and message in err, (argv, err)
+    assert not os.path.exists(tmp_path / f"w{i}"), argv  # not even the parent it would have created
+
+  # fuse names the mode of a non-RepVGG run; eval on a plain file says it is not a directory.
+  hs_run = _copy(base, tmp_path, "hs_run")
+  cfg = json.loads(open(os.path.join(hs_run, "config.json")).read())
+  cfg["model"]["mode"] = "hs"
+  with open(os.path.join(hs_run, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  code, _, err = _cli(capsys, ["fuse", "--workdir", hs_run, "--out", tmp_path / "deploy"])
+  assert code == 2 and "'model.mode' = 'hs' (a Hyper-Search run" in err and "target-mode" not in err, err
+  assert not os.path.exists(tmp_path / "deploy")
+  code, _, err = _cli(capsys, ["eval", "--workdir", os.path.join(hs_run, "config.json")])
+  assert code == 2 and "is not a directory" in err, err
+
+
+# ------------------------------------------------------------------------------------------------ item 8
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _process_env(port, pid, **extra):
+  return dict(python_env(1), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+              JAX_PROCESS_ID=str(pid), REPOPT_JAX_CACHE_DIR="off", **extra)
+
+
+def test_a_peer_that_never_shows_up_stops_the_run_in_one_line_within_the_timeout(ddir, tmp_path):
+  work = tmp_path / "run"
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-m", "repopt_jax", "train", f"data.data_dir={ddir}", "--workdir", work,
+                         "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=200, check=False,
+                        env=_process_env(_free_port(), 0, REPOPT_JAX_INIT_TIMEOUT="4"))
+  assert proc.returncode == 2 and time.time() - t0 < 60, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("error: process 1 did not join the 2-process run at 127.0.0.1:"), proc.stderr[-3000:]
+  assert "Check failure" not in proc.stderr and "Traceback" not in proc.stderr
+  assert not os.path.exists(work)
+
+
+def test_a_peer_that_dies_stops_the_survivor_in_one_line_and_checkpoints_stay_restorable(ddir, tmp_path):
+  work = str(tmp_path / "run")
+  port = _free_port()
+  argv = [sys.executable, "-m", "repopt_jax", "train", f"data.data_dir={ddir}", "--workdir", work, "--no-progress",
+          "--fast-compile", *BASE, "train.steps=100000"]
+  logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(argv, stdout=logs[i], stderr=subprocess.STDOUT, cwd=REPO, env=_process_env(port, i))
+           for i in range(2)]
+  try:
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(work, "checkpoints", "4")):
+      assert all(p.poll() is None for p in procs) and time.time() < deadline, (tmp_path / "p0.log").read_text()
+      time.sleep(0.1)
+    procs[1].kill()
+    t0 = time.time()
+    code = procs[0].wait(timeout=120)
+    elapsed = time.time() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for log in logs:
+      log.close()
+  text = (tmp_path / "p0.log").read_text()
+  assert code == 2 and elapsed < 60, text[-3000:]
+  errors = [l for l in text.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "lost contact with process 1 of the 2-process run" in errors[0], text[-3000:]
+  assert "Check failure" not in text
+  model, _ = runs.load_model(work)  # the checkpoints written by the two processes restore in one
+  assert model is not None
