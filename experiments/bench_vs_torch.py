@@ -255,7 +255,8 @@ def main(argv=None):
   torch.set_num_threads(threads)
 
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments.common import RESULTS, RunInfo, md_table, write_json, write_markdown  # pylint: disable=g-import-not-at-top
+  from experiments.common import (RESULTS, RunInfo, md_table, write_json,  # pylint: disable=g-import-not-at-top
+                                  write_markdown)
   from repopt_jax.train import make_mesh  # pylint: disable=g-import-not-at-top
 
   out_stem = args.out or os.path.join(RESULTS, "bench_vs_torch" + ("_quick" if args.quick else ""))

@@ -513,6 +513,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   # line (CheckpointError), so absl's own records are kept to the critical ones.
   logging.getLogger("absl").setLevel(logging.CRITICAL)
   _quiet_closed_event_loops()
+  # The library's warnings (e.g. a checkpoint skipped for a checksum mismatch) in one line each.
+  import warnings  # pylint: disable=g-import-not-at-top
+  warnings.formatwarning = lambda message, category, *_: f"warning: {message} ({category.__name__})\n"
   try:
     return _HANDLERS[args.command](args)
   except KeyboardInterrupt:

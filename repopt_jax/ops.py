@@ -6,12 +6,13 @@ e.g. the 8x8x256 and 4x4x512 stages of RepOpt-VGG-B1 at 64 px, or a 224 px model
 computes the convolution as im2col + one matrix product (`conv_im2col`); everything else goes to
 `lax.conv_general_dilated` unchanged (GPU/TPU always do).
 
-Why: XLA's CPU convolution (Eigen's spatial convolution) is tuned for large images; at a few pixels per image
-most of its time is packing and loop overhead, while a matrix product of the same size runs at the machine's
-peak (measured in experiments/profile_step.py: forward + both gradients of a 4x4x512 3x3 conv at batch 8
-take about half the time as im2col + dot). The gradients are JAX's autodiff of the formulation: the weight
-gradient is `patches^T @ g` (one matrix product), the input gradient `g @ W^T` followed by the transpose of
-the patch extraction (pads and adds).
+Why: XLA's CPU convolutions are tuned for large images; at a few pixels per image they are far from the
+machine's matrix-product speed, and in the RepOpt-VGG-B1 train step at 64 px the input gradient of the
+4x4x512 convolutions alone took more time than everything else (experiments/profile_step.py), while a matrix
+product of the same size runs at the machine's peak. Measured thresholds (forward + both gradients, batch 8):
+4x4 and 8x8 outputs are faster as im2col + dot, 16x16 and larger are faster as XLA's convolution. The
+gradients are JAX's autodiff of the formulation: the weight gradient is `patches^T @ g` (one matrix product),
+the input gradient `g @ W^T` followed by the transpose of the patch extraction (pads and adds).
 
 Exactness: the same products summed in a different order, so results agree with `lax.conv_general_dilated`
 to the rounding of the dtype (tests/test_conv_impl.py: float32 and float64, forward and gradients). The
@@ -122,8 +123,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`lax.conv_general_dilated`, computed by `conv_im2col` where that is faster (see the module docstring).
 
   im2col is used only for 2-D NHWC/HWIO convolutions without dilation, one feature group, on the CPU
-  backend, with an output of at most `SMALL_SPATIAL` pixels per image (see `conv_mode`); otherwise (and for any extra keyword,
-  e.g. `out_sharding`, that is not None) this is `lax.conv_general_dilated` itself.
+  backend, with an output of at most `SMALL_SPATIAL` pixels per image (see `conv_mode`); otherwise (and for
+  any extra keyword, e.g. `out_sharding`, that is not None) this is `lax.conv_general_dilated` itself.
   """
   extra = {k: v for k, v in kwargs.items() if v is not None}
   use = (_mode != "lax" and not extra and lhs.ndim == 4 and batch_group_count == 1 and feature_group_count == 1

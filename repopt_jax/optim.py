@@ -58,7 +58,8 @@ def match_scales(by_path: Mapping[str, Optional[CSLAScales]], tree) -> dict:
                         "(use None for parameters without a Grad Mult)")
     s = by_path[name]
     if s is not None:
-      rules.check_kernel(s, jnp.shape(leaf), name)
+      # A 1-D leaf takes scales only as a conv's bias (named so): a BatchNorm scale is a mistake.
+      rules.check_kernel(s, jnp.shape(leaf), name, allow_bias=name.split("/")[-1] == "bias")
       out[name] = s
   extra = [k for k in by_path if k not in seen]
   if extra:

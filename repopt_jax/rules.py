@@ -25,12 +25,13 @@ from repopt_jax.scales import CSLAScales, ScalesError
 Array = jnp.ndarray
 
 
-def check_kernel(scales: CSLAScales, shape: Sequence[int], where: str = "kernel") -> None:
-  """Raises `ScalesError` (naming `where`) when `scales` cannot describe a kernel of this shape."""
+def check_kernel(scales: CSLAScales, shape: Sequence[int], where: str = "kernel", allow_bias: bool = True) -> None:
+  """Raises `ScalesError` (naming `where`) when `scales` cannot describe a kernel of this shape (or, with
+  `allow_bias`, the 1-D bias of such a conv)."""
   if not isinstance(scales, CSLAScales):
     raise ScalesError(f"{where}: expected CSLAScales or None, got {type(scales).__name__}")
   shape = tuple(shape)
-  if len(shape) == 1:  # the bias of a CSLA conv: one value per output channel, every branch's bias summed
+  if len(shape) == 1 and allow_bias:  # the bias of a CSLA conv: one value per output channel, every branch's bias summed
     for (bh, bw), s in scales.branches((1, 1)):
       if np.shape(s) != shape:
         raise ScalesError(f"{where}: scale of a branch has shape {np.shape(s)}, expected {shape} for a bias "

@@ -157,11 +157,13 @@ def test_bias_grad_mult_in_the_transform():
   """A conv bias with CSLAScales gets `s^2 + t^2` (no identity term) through repopt_masks."""
   s = CSLAScales(conv=np.array([2.0, 1.0]), pointwise=np.array([3.0, -1.0]), identity=True)
   np.testing.assert_allclose(rules.grad_mult(s, (2,)), [13.0, 2.0])
-  tx = repopt_masks({"k": s, "b": s})
-  params = {"k": jnp.zeros((3, 3, 2, 2)), "b": jnp.zeros(2)}
+  tx = repopt_masks({"conv": {"kernel": s, "bias": s}})
+  params = {"conv": {"kernel": jnp.zeros((3, 3, 2, 2)), "bias": jnp.zeros(2)}}
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
-  np.testing.assert_allclose(updates["b"], [13.0, 2.0])
-  assert float(updates["k"][1, 1, 0, 0]) == 14.0
+  np.testing.assert_allclose(updates["conv"]["bias"], [13.0, 2.0])
+  assert float(updates["conv"]["kernel"][1, 1, 0, 0]) == 14.0
+  with pytest.raises(ScalesError, match="^bn/scale: .*4-D"):  # a 1-D leaf takes scales only as a conv bias
+    repopt_masks({"bn": {"scale": s}}).init({"bn": {"scale": jnp.zeros(2)}})
   d = rules.exact_adam_direction(s, jnp.ones(2), jnp.ones(2), eps=0.0)
   np.testing.assert_allclose(d, [5.0, 2.0])  # sum_k |s_k|
   np.testing.assert_allclose(rules.csla_bias(s, np.ones(2), np.ones(2)), [5.0, 0.0])

@@ -5,16 +5,18 @@
 """
 
 from repopt_jax.config import Config, ConfigError, load_config
-from repopt_jax.train.checkpoint import Checkpointer, CheckpointWarning
-from repopt_jax.train.loop import NonFiniteLossError, Trainer, WorkdirError
-from repopt_jax.train.mesh import batch_sharded, make_mesh, maybe_initialize_distributed, replicated
+from repopt_jax.train.build import Run, build_run
+from repopt_jax.train.checkpoint import CheckpointError, Checkpointer, CheckpointWarning
+from repopt_jax.train.loop import NonFiniteLossError, Trainer, WorkdirError, exit_status
+from repopt_jax.train.mesh import PeerError, batch_sharded, make_mesh, maybe_initialize_distributed, replicated
 from repopt_jax.train.metrics import MetricsWriter, Progress, read_jsonl
 from repopt_jax.train.state import (TrainState, build_model, build_optimizer, init_state, make_schedule,
                                     split_model)
 from repopt_jax.train.step import EvalStep, TrainStep, cross_entropy
 
 __all__ = [
-    "Config", "ConfigError", "load_config", "Checkpointer", "CheckpointWarning", "NonFiniteLossError", "Trainer",
+    "Config", "ConfigError", "load_config", "Run", "build_run", "CheckpointError", "Checkpointer",
+    "CheckpointWarning", "NonFiniteLossError", "PeerError", "exit_status", "Trainer",
     "WorkdirError", "batch_sharded", "make_mesh", "maybe_initialize_distributed", "replicated", "MetricsWriter",
     "Progress", "read_jsonl", "TrainState", "build_model", "build_optimizer", "init_state", "make_schedule",
     "split_model", "EvalStep", "TrainStep", "cross_entropy",

@@ -112,7 +112,10 @@ def build_run(config: Config, *, devices: Optional[Sequence[jax.Device]] = None,
     steps_per_epoch = state_lib.steps_per_epoch(train_size, batch_size)
     total = state_lib.total_steps(config, steps_per_epoch)
   if isinstance(scales, str) and scales == "config":
-    scales = state_lib.load_run_scales(config)
+    # An eval-only run needs the scales only where they are part of the model (csla): a trained RepOpt-VGG is
+    # a plain model, evaluated even if its scales file has moved since.
+    needed = train or config.model.mode == "csla"
+    scales = state_lib.load_run_scales(config) if needed else None
   fingerprint = state_lib.scales_fingerprint(scales)
 
   model_config = config
