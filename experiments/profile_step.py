@@ -305,7 +305,9 @@ def main(argv=None):
                   key=lambda s: -max(profiles[m]["by_shape"].get(s, 0) for m in args.modes))
   body += ["## Convolutions and matrix products by role and output shape (ms per step, all layers of the shape)",
            "", "`fwd` forward, `dx` input gradient, `dW` weight gradient; `conv` = XLA convolution, `dot` = the "
-           "im2col matrix product.", "",
+           "im2col matrix product. Labels come from shapes: where a weight gradient's shape equals an input "
+           "gradient's (e.g. 512x2304 at batch 8: the 8x8x256 layers' dx and the 256->512 kernel's dW), the label "
+           "can be wrong.", "",
            md_table(["op"] + list(args.modes), [[s] + [profiles[m]["by_shape"].get(s, 0.0) for m in args.modes]
                                                for s in shapes]), ""]
   for m in args.modes:
