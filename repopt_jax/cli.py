@@ -491,7 +491,16 @@ def _quiet_closed_event_loops() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """Runs the command line; returns the exit status (0 ok, 2 for a user error)."""
+  """Runs the command line; returns the exit status (0 ok, 2 for a user error, 128 + N for a run stopped by
+  signal N after saving: 143 SIGTERM, 130 SIGINT)."""
+  from repopt_jax.config import disable_compilation_cache  # pylint: disable=g-import-not-at-top
+  try:
+    return _main(argv)
+  finally:
+    disable_compilation_cache()  # jax's settings as they were (main() may be called as a library function)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   message = _unknown_command(argv)
   if message:

@@ -374,8 +374,33 @@ def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
   if "jax" in sys.modules:
     import jax  # pylint: disable=g-import-not-at-top
     for key, value in settings.items():
+      _CACHE_UNDO.append(("config", key, getattr(jax.config, key)))
       jax.config.update(key, value)
   else:
     for key, value in settings.items():
-      os.environ.setdefault(key.upper(), str(value))
+      if key.upper() not in os.environ:
+        _CACHE_UNDO.append(("env", key.upper(), None))
+        os.environ[key.upper()] = str(value)
   return directory
+
+
+_CACHE_UNDO: list = []
+
+
+def disable_compilation_cache() -> None:
+  """Undoes `enable_compilation_cache` (the command line does when `main()` returns, so that calling it as a
+  library function leaves jax's settings as they were)."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  while _CACHE_UNDO:
+    kind, key, value = _CACHE_UNDO.pop()
+    if kind == "env":
+      os.environ.pop(key, None)
+      if "jax" in sys.modules:  # imported since: its flags read the variable then
+        import jax  # pylint: disable=g-import-not-at-top
+        jax.config.update(key.lower(), {"jax_compilation_cache_dir": None,
+                                        "jax_persistent_cache_min_compile_time_secs": 1.0,
+                                        "jax_persistent_cache_min_entry_size_bytes": 0}[key.lower()])
+    else:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.config.update(key, value)

@@ -53,12 +53,8 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-class BranchScale(nnx.Variable):
-  """A constant per-channel branch scale of a CSLA block (`s` or `t`).
-
-  Not an `nnx.Param`, so `nnx.state(model, nnx.Param)`, `nnx.grad` and `nnx.Optimizer(..., wrt=nnx.Param)`
-  leave it alone, while `nnx.state(model)` (checkpoints) still carries it.
-  """
+# One constant-scale Variable type for every model: RepOpt-VGG's csla blocks and `repopt_jax.csla`'s surgery.
+from repopt_jax.csla import BranchScale  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def torch_linear_bias_init(fan_in: int):
