@@ -32,6 +32,7 @@ by '/', e.g. `'trunk/0/kernel/kernel'` for a conv named `kernel` in a list, `'mi
 
 Example:
   >>> import optax, jax.numpy as jnp
+  >>> from repopt_jax import repopt_masks
   >>> from flax import nnx
   >>> class Net(nnx.Module):
   ...   def __init__(self, rngs):

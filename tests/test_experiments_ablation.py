@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from repopt_jax import CSLAScales
 
@@ -63,6 +64,7 @@ def test_reinit_switch_of_the_rows():
   assert not np.allclose(k, kernel(plain))
 
 
+@pytest.mark.slow
 def test_ablation_tiny(tmp_path):
   # Hyper-Search, then the full method and the plain-VGG row (the other rows differ only in their constants
   # and flags, checked above).

@@ -118,6 +118,7 @@ def _check_equivalence(out_dir, stdout):
   assert s["adamw_paper"]["final"] > 100 * s["adamw_exact"]["final"], s
 
 
+@pytest.mark.slow
 def test_cpu_path_tiny_runs_speed_memory_and_equivalence(tmp_path):
   out = _run("--tiny", env={"PYTHON": sys.executable, "OUT": str(tmp_path), "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]

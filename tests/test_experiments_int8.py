@@ -5,6 +5,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from repopt_jax import CSLAScales, save_scales
 from repopt_jax.models import get_arch
@@ -13,6 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from experiments import int8_ptq  # noqa: E402
 
 
+@pytest.mark.slow
 def test_int8_ptq_tiny(tmp_path):
   # Constants from a file (Hyper-Search itself runs in the ablation's smoke test).
   rng = np.random.default_rng(0)
