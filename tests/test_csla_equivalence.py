@@ -27,6 +27,7 @@ from flax import nnx
 from repopt_jax import CSLAScales, csla, repopt_sgd
 from repopt_jax.models import blocks as blocks_lib
 from repopt_jax.models.resnet import resnet18_cifar
+from test_models_equivalence import train_functional as train  # one functional trainer for both
 from test_models_helpers import jit, rel_err
 
 STEPS = 20
@@ -90,30 +91,6 @@ def batches(dtype, size, n=STEPS, batch=8, seed=0):
   return [(jnp.asarray(rng.normal(size=(batch, size, size, 3)), dtype), jnp.asarray(rng.integers(0, 10, batch)))
           for _ in range(n + 1)]
 
-
-def train(model, tx, data):
-  """Trains in place through nnx.split/merge and a jitted pure step; returns the train-mode logits."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-
-  @jit
-  def step(params, rest, opt_state, x, y):
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, rest)
-      logits = m(x)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return loss, (logits, nnx.as_pure(nnx.split(m, nnx.Param, ...)[2]))
-    (_, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), rest, opt_state, logits
-
-  opt_state = tx.init(params)
-  logits = []
-  for x, y in data:
-    params, rest, opt_state, lg = step(params, rest, opt_state, x, y)
-    logits.append(lg)
-  nnx.update(model, params, rest)
-  return logits
 
 
 def _flat(tree):

@@ -16,21 +16,10 @@ from repopt_jax import export as E  # noqa: E402
 from repopt_jax import runs  # noqa: E402
 from repopt_jax.models import RepOptVGG  # noqa: E402
 from repopt_jax.quickstart import quickstart  # noqa: E402
-from test_train_common import FAST, digits_dir  # noqa: E402
+from test_train_common import FAST, digits_dir, tree_snapshot  # noqa: E402
 
 TOL = 1e-5  # max|delta| / max|logit|, float32
 KINDS = ("repopt_vgg", "repvgg", "vgg")
-
-
-def _snapshot(folder) -> dict:
-  """Every file and folder under `folder` with its size and modification time."""
-  out = {}
-  for root, dirs, files in os.walk(folder):
-    for name in dirs + files:
-      p = os.path.join(root, name)
-      st = os.stat(p)
-      out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns)
-  return out
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_onnx_and_stablehlo_equal_the_jax_eval_logits(qs, kind, tmp_path):
-  before = _snapshot(qs[kind])
+  before = tree_snapshot(qs[kind])
   model, config = runs.load_model(qs[kind])
   assert model.stage0.bn.use_running_average  # eval mode
   assert model.mode == ("repvgg" if kind == "repvgg" else "target")
@@ -79,12 +68,12 @@ def test_onnx_and_stablehlo_equal_the_jax_eval_logits(qs, kind, tmp_path):
   assert "Transpose" not in [n.op_type for n in nchw.graph.node]
   sess = E.onnx_session(nchw.SerializeToString())
   assert _rel(E.run_onnx(sess, test.transpose(0, 3, 1, 2)), np.asarray(model(jnp.asarray(test)))) <= TOL
-  assert _snapshot(qs[kind]) == before
+  assert tree_snapshot(qs[kind]) == before
 
 
 def test_cli_export_int8_and_eval_onnx_of_the_quickstart_runs(qs, tmp_path, capsys):
   from repopt_jax.cli import main
-  snaps = {k: _snapshot(qs[k]) for k in KINDS}
+  snaps = {k: tree_snapshot(qs[k]) for k in KINDS}
   for kind in ("repopt_vgg", "repvgg"):
     fp32, int8 = tmp_path / kind / "fp32.onnx", tmp_path / kind / "int8" / "model.onnx"
     assert main(["export", "--workdir", qs[kind], "--out", str(fp32)]) == 0
@@ -118,7 +107,7 @@ def test_cli_export_int8_and_eval_onnx_of_the_quickstart_runs(qs, tmp_path, caps
   assert r["max_abs_logit_diff"] <= TOL * r["max_abs_logit"] and r["batch_size"] == 8
   assert E.load_stablehlo(r["out"]).platforms == ("cpu", "cuda")
   for k in KINDS:
-    assert _snapshot(qs[k]) == snaps[k], k
+    assert tree_snapshot(qs[k]) == snaps[k], k
 
 
 def _one_line_error(capsys, argv, *needles):
@@ -133,10 +122,10 @@ def _one_line_error(capsys, argv, *needles):
 
 
 def test_export_bad_input_is_one_clear_line(qs, tmp_path, capsys):
-  hs_before = _snapshot(qs["hs"])
+  hs_before = tree_snapshot(qs["hs"])
   _one_line_error(capsys, ["export", "--workdir", qs["hs"], "--out", tmp_path / "hs.onnx"], "Hyper-Search",
                   "not a deployable network", "fuse", "--scales")
-  assert _snapshot(qs["hs"]) == hs_before and not os.path.exists(tmp_path / "hs.onnx")
+  assert tree_snapshot(qs["hs"]) == hs_before and not os.path.exists(tmp_path / "hs.onnx")
   _one_line_error(capsys, ["export", "--workdir", tmp_path / "missing", "--out", tmp_path / "m.onnx"],
                   "missing", "does not exist")
   blocker = tmp_path / "a_file"

@@ -29,7 +29,7 @@ from repopt_jax.config import ConfigError, load_config
 from repopt_jax.models import reparam
 from repopt_jax.train import Trainer, build_model, read_jsonl
 from repopt_jax.train.checkpoint import CheckpointError, CheckpointWarning
-from test_train_common import FAST, REPO, digits_dir, host_params, python_env
+from test_train_common import FAST, REPO, digits_dir, host_params, python_env, tree_snapshot
 
 STEPS = 6
 BASE = ["train.epochs=null", f"train.steps={STEPS}", "train.batch_size=32", "train.checkpoint_every=2",
@@ -73,18 +73,6 @@ def _copy(base, tmp_path, name="run") -> str:
   dest = str(tmp_path / name)
   shutil.copytree(base[0], dest)
   return dest
-
-
-def _snapshot(path) -> dict:
-  """Every file and folder under `path` with its size and modification time (and the folders' own)."""
-  out = {}
-  for root, dirs, files in os.walk(path):
-    for name in dirs + files:
-      p = os.path.join(root, name)
-      st = os.stat(p)
-      out[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns)
-  out["."] = os.stat(path).st_mtime_ns
-  return out
 
 
 def _steps(work):
@@ -149,10 +137,10 @@ def _cli(capsys, argv):
 # ------------------------------------------------------------------------------------------------ load_model
 def test_load_model_restores_the_newest_checkpoint_read_only(base, tmp_path):
   work = _copy(base, tmp_path)
-  before = _snapshot(work)
+  before = tree_snapshot(work)
   model, config = runs.load_model(work)
   assert config.data.dataset == "digits" and config.train.steps == STEPS
-  assert _snapshot(work) == before  # nothing created, renamed or deleted, not even temporarily
+  assert tree_snapshot(work) == before  # nothing created, renamed or deleted, not even temporarily
   expected = {k[len("params"):]: v for k, v in base[1].items() if k.startswith("params")}
   got = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
          jax.tree_util.tree_flatten_with_path(_model_params(model))[0]}
@@ -169,11 +157,11 @@ def test_flipped_bytes_fail_the_checksum_and_the_previous_checkpoint_is_used(bas
   work = _copy(base, tmp_path)
   _flip_silently(work, 6)
   step4, _ = runs.load_model(base[0], step=4)
-  before = _snapshot(work)
+  before = tree_snapshot(work)
   with pytest.warns(CheckpointWarning, match=r"6 is unreadable \(checksum mismatch in \['"):
     model, _ = runs.load_model(work)
   chex.assert_trees_all_equal(_model_params(model), _model_params(step4))
-  assert _snapshot(work) == before  # read-only: the bad checkpoint is reported, not moved
+  assert tree_snapshot(work) == before  # read-only: the bad checkpoint is reported, not moved
 
   # Training (not read-only) moves it aside so that step 6 can be saved again, and resumes from step 4.
   trainer = Trainer(load_config(os.path.join(work, "config.json")), work, progress=False, tensorboard=False,
@@ -192,14 +180,14 @@ def test_all_checkpoints_unreadable_stops_in_one_line_then_fresh_is_a_clean_run(
     path = _state_file(work, step)
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 3)
-  before = _snapshot(work)
+  before = tree_snapshot(work)
   cfg = os.path.join(tmp_path, "config.json")
   shutil.copy(os.path.join(work, "config.json"), cfg)
   code, out, err = _cli(capsys, ["train", cfg, "--workdir", work, "--no-progress", "--fast-compile"])
   lines = [l for l in err.splitlines() if l.strip()]
   assert code == 2 and len(lines) == 1 and lines[0].startswith("error: no checkpoint in"), err
   assert all(f"step {s}:" in lines[0] for s in (6, 4, 2)) and "--fresh" in lines[0]
-  assert _snapshot(work) == before  # nothing renamed before asking
+  assert tree_snapshot(work) == before  # nothing renamed before asking
 
   code, out, err = _cli(capsys, ["train", cfg, "--workdir", work, "--no-progress", "--fast-compile", "--fresh"])
   assert code == 0, err
@@ -257,7 +245,7 @@ def test_eval_works_on_a_read_only_mount_and_writes_nothing(base, tmp_path):
   work = _copy(base, tmp_path)
   mnt = str(tmp_path / "ro")
   os.makedirs(mnt)
-  before = _snapshot(work)
+  before = tree_snapshot(work)
   script = (f"mount --bind {work} {mnt} && mount -o remount,bind,ro {mnt} && touch {mnt}/probe 2>/dev/null; "
             f"{sys.executable} -m repopt_jax eval --workdir {mnt} --json --fast-compile")
   env = _child_env()
@@ -267,7 +255,7 @@ def test_eval_works_on_a_read_only_mount_and_writes_nothing(base, tmp_path):
     pytest.skip(f"cannot bind-mount read-only here: {proc.stderr[-300:]}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1])["step"] == STEPS
-  assert _snapshot(work) == before
+  assert tree_snapshot(work) == before
 
 
 # ------------------------------------------------------------------------------------------------ item 4
@@ -389,10 +377,10 @@ def test_resume_with_other_scales_is_refused(ddir, tmp_path, capsys):
           "train.epochs=null", "train.steps=2"]
   assert _cli(capsys, argv + ["--scales", a])[0] == 0
   shutil.copy(b, a)  # the same path, other values
-  before = _snapshot(work)
+  before = tree_snapshot(work)
   code, out, err = _cli(capsys, argv + ["--scales", a, "train.steps=4"])
   assert code == 2 and "error:" in err and "scales" in err and "another run" in err, err
-  assert _snapshot(work) == before
+  assert tree_snapshot(work) == before
 
 
 # ------------------------------------------------------------------------------------------------ item 7

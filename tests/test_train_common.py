@@ -55,3 +55,15 @@ def spawn(script: str, args, device_count: int, log_path: str) -> subprocess.Pop
 def tail(path: str, n: int = 3000) -> str:
   with open(path, errors="replace") as f:
     return f.read()[-n:]
+
+
+def tree_snapshot(path) -> dict:
+  """Every file and folder under `path` with its size and modification time (and the folders' own)."""
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for name in dirs + files:
+      p = os.path.join(root, name)
+      st = os.stat(p)
+      out[os.path.relpath(p, path)] = (st.st_size, st.st_mtime_ns)
+  out["."] = os.stat(path).st_mtime_ns
+  return out
