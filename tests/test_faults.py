@@ -79,11 +79,12 @@ def _steps(work):
   return sorted(os.listdir(os.path.join(work, "checkpoints")))
 
 
-def _state_file(work, step):
-  """The largest file of a checkpoint's `state` item (where the array bytes are)."""
+def _state_files(work, step):
+  """The files of a checkpoint's `state` item, largest first (the array bytes are in the large ones; which
+  file holds the params and which the optimizer state varies from one save to the next)."""
   files = [p for p in glob.glob(os.path.join(work, "checkpoints", str(step), "state", "**"), recursive=True)
-           if os.path.isfile(p)]
-  return max(files, key=os.path.getsize)
+           if os.path.isfile(p) and os.path.getsize(p) > 1024]
+  return sorted(files, key=os.path.getsize, reverse=True)
 
 
 def _raw_params(work, step):
@@ -104,22 +105,24 @@ def _raw_params(work, step):
 
 def _flip_silently(work, step):
   """Flips 8 bytes of a checkpoint's array data where orbax restores the params without any error (the
-  silent corruption of the issue); returns the offset."""
-  path = _state_file(work, step)
+  silent corruption of the issue); returns `(file, offset)`."""
   clean = _raw_params(work, step)
-  with open(path, "rb") as f:
-    blob = f.read()
-  for offset in range(512, len(blob) - 8, max(len(blob) // 40, 1)):
-    bad = bytearray(blob)
-    bad[offset:offset + 8] = bytes(b ^ 0xFF for b in blob[offset:offset + 8])
-    with open(path, "wb") as f:
-      f.write(bad)
-    try:
-      got = _raw_params(work, step)
-    except Exception:  # pylint: disable=broad-except
-      continue
-    if any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(clean))):
-      return offset
+  for path in _state_files(work, step):
+    with open(path, "rb") as f:
+      blob = f.read()
+    for offset in range(512, len(blob) - 8, max(len(blob) // 40, 1)):
+      bad = bytearray(blob)
+      bad[offset:offset + 8] = bytes(b ^ 0xFF for b in blob[offset:offset + 8])
+      with open(path, "wb") as f:
+        f.write(bad)
+      try:
+        got = _raw_params(work, step)
+      except Exception:  # pylint: disable=broad-except
+        continue
+      if any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(clean))):
+        return path, offset
+    with open(path, "wb") as f:  # this file holds no params (or none that flip silently): restore it
+      f.write(blob)
   raise AssertionError("no offset flips a param silently")
 
 
@@ -177,7 +180,7 @@ def test_flipped_bytes_fail_the_checksum_and_the_previous_checkpoint_is_used(bas
 def test_all_checkpoints_unreadable_stops_in_one_line_then_fresh_is_a_clean_run(base, tmp_path, capsys):
   work = _copy(base, tmp_path)
   for step in (2, 4, 6):
-    path = _state_file(work, step)
+    path = _state_files(work, step)[0]  # the full restore reads every file of the item
     with open(path, "r+b") as f:
       f.truncate(os.path.getsize(path) // 3)
   before = tree_snapshot(work)
