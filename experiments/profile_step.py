@@ -40,55 +40,17 @@ sys.path.insert(0, os.path.dirname(HERE))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import speed_memory  # noqa: E402
+from experiments.bench_vs_torch import JaxRun, time_interleaved  # noqa: E402  (the benchmark's own runner and timer)
 from experiments.common import RESULTS, RunInfo, md_table, write_json, write_markdown  # noqa: E402
 from repopt_jax import ops  # noqa: E402
 from repopt_jax.models import reparam  # noqa: E402
-from repopt_jax.train import TrainStep, build_model, build_optimizer, init_state, make_mesh, split_model  # noqa: E402
-from repopt_jax.train.mesh import batch_sharded, put_replicated  # noqa: E402
-from repopt_jax.config import load_config  # noqa: E402
+from repopt_jax.train import build_model, make_mesh  # noqa: E402
 
 # Host-side events of the runtime, not XLA operations.
 _RUNTIME = re.compile(r"^\$|ThunkExecutor|PjitFunction|PjRt|ParseArguments|Handle inputs|Allocate|CreateOutputs|"
                       r"ThreadPool|PythonRefManager|ExecutePrepare|ExecuteHelper|block_until_ready|^end_|"
                       r"TransferTo|BufferFromPyval")
-
-
-def _config(arch, mode, optim, num_classes):
-  return load_config({
-      "model": {"arch": arch, "mode": mode, "num_classes": num_classes},
-      "data": {"dataset": "imagenet2012" if num_classes == 1000 else "cifar10"},
-      "optim": {"name": optim, "lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 4e-5},
-      "train": {"steps": 1, "batch_size": 1, "seed": 0},
-      "scales": "unused.npz" if optim.startswith("repopt") else None,
-  })
-
-
-class Runner:
-  """The trainer's TrainStep for one model mode/optimizer, compiled under one conv formulation."""
-
-  def __init__(self, arch, image_size, batch, num_classes, conv_mode, mesh, model_mode="target",
-               optim="repopt_sgd"):
-    cfg = _config(arch, model_mode, optim, num_classes)
-    scales = None
-    if optim.startswith("repopt"):
-      scales = reparam.scales_from_hs(build_model(_config(arch, "hs", "sgd", num_classes), num_classes=num_classes,
-                                                  in_channels=3, seed=1))
-    model = build_model(cfg, scales, num_classes=num_classes, in_channels=3)
-    tx = build_optimizer(cfg, model, scales)
-    graphdef, state = init_state(model, tx, 0)
-    self.state = put_replicated(state, mesh)
-    self.step_fn = TrainStep(graphdef, split_model(model)[3], tx, mesh, num_classes=num_classes)
-    rng = np.random.default_rng(0)
-    self.batch = jax.device_put({
-        "image": rng.standard_normal((batch, image_size, image_size, 3)).astype(np.float32),
-        "label": rng.integers(0, num_classes, batch).astype(np.int32)}, batch_sharded(mesh))
-    with ops.conv_mode(conv_mode):
-      self.compiled = self.step_fn.lower(self.state, self.batch).compile()
-    self.metrics = None
-
-  def step(self):
-    self.state, self.metrics = self.compiled(self.state, self.batch)
-    jax.block_until_ready(self.state.params)
 
 
 def _hlo_index(hlo_text: str) -> dict:
@@ -161,8 +123,8 @@ def kernels_sizes(kernels):
   return {int(np.prod(k)) for k in kernels}
 
 
-def trace_ops(runner: Runner, steps: int, kernels: set, batch: int) -> dict:
-  hlo = runner.compiled.as_text()
+def trace_ops(runner: JaxRun, steps: int, kernels: set, batch: int) -> dict:
+  hlo = runner.stepper.compiled(runner.batch).as_text()
   index = _hlo_index(hlo)
   param_count = max(kernels_sizes(kernels))
   with tempfile.TemporaryDirectory() as tmp:
@@ -225,20 +187,6 @@ def finite_check_cost(params, repeats: int = 15) -> dict:
   return {k: statistics.median(v) * 1e3 for k, v in out.items()}
 
 
-def time_interleaved(runners: dict, steps: int) -> dict:
-  wall = {k: [] for k in runners}
-  cpu = {k: [] for k in runners}
-  keys = list(runners)
-  for i in range(steps):
-    for k in (keys if i % 2 == 0 else keys[::-1]):
-      c0, t0 = time.process_time(), time.perf_counter()
-      runners[k].step()
-      wall[k].append(time.perf_counter() - t0)
-      cpu[k].append(time.process_time() - c0)
-  return {k: {"wall_ms": statistics.median(wall[k]) * 1e3, "cpu_ms": statistics.median(cpu[k]) * 1e3}
-          for k in runners}
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--arch", default="B1")
@@ -258,18 +206,22 @@ def main(argv=None):
       sys.argv[1:] if argv is None else argv))
   mesh = make_mesh(jax.devices()[:1])
   model_mode, optim = ("target", "repopt_sgd") if args.model == "repopt" else ("repvgg", "sgd")
-  runners = {m: Runner(args.arch, args.image_size, args.batch, args.num_classes, m, mesh, model_mode, optim)
+  scales = None
+  if optim.startswith("repopt"):  # the Hyper-Search model's initial scales, as bench_vs_torch uses
+    scales = reparam.scales_from_hs(build_model(speed_memory.config_for(
+        args.arch, "hs", "sgd", args.batch, args.image_size, args.num_classes, "float32", 0)))
+  runners = {m: JaxRun(args.arch, model_mode, optim, args.batch, args.image_size, args.num_classes, m, mesh, scales)
              for m in args.modes}
-  kernels = {tuple(x.shape) for x in jax.tree.leaves(next(iter(runners.values())).state.params) if x.ndim == 4}
-  kernels |= {tuple(x.shape) for x in jax.tree.leaves(next(iter(runners.values())).state.params) if x.ndim == 2}
+  kernels = {tuple(x.shape) for x in jax.tree.leaves(next(iter(runners.values())).stepper.state.params) if x.ndim == 4}
+  kernels |= {tuple(x.shape) for x in jax.tree.leaves(next(iter(runners.values())).stepper.state.params) if x.ndim == 2}
   for r in runners.values():
     r.step()
     r.step()
-  timing = time_interleaved(runners, args.timed_steps)
+  timing = time_interleaved(runners, rounds=args.timed_steps, steps=1)
   profiles, costs = {}, {}
   for m, r in runners.items():
     profiles[m] = trace_ops(r, args.steps, kernels, args.batch)
-    cost = r.compiled.cost_analysis()
+    cost = r.stepper.compiled(r.batch).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     costs[m] = {"flops": float(cost.get("flops", float("nan"))),
                 "bytes_accessed": float(cost.get("bytes accessed", float("nan")))}
@@ -278,7 +230,7 @@ def main(argv=None):
     for cls, ms in sorted(profiles[m]["by_class"].items(), key=lambda kv: -kv[1]):
       print(f"   {ms:8.2f} ms  {cls}")
 
-  finite = finite_check_cost(next(iter(runners.values())).state.params)
+  finite = finite_check_cost(next(iter(runners.values())).stepper.state.params)
   print("per-step metrics (CPU ms): " + ", ".join(f"{k} {v:.1f}" for k, v in finite.items()), flush=True)
   load_end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
   title = f"{args.arch} @{args.image_size}px, batch {args.batch}, " + (
