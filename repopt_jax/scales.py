@@ -178,6 +178,10 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
       storage[offset:], shape=size, strides=[s * itemsize for s in stride]).copy()
 
 
+# What a file that cannot be decoded is called, whichever reader gave up on it.
+_NOT_A_SCALES_FILE = "neither a repopt_jax .npz scales file nor an official PyTorch .pth checkpoint"
+
+
 def read_torch_state_dict(path: str) -> dict:
   """Reads a torch zip-format `state_dict` of tensors into `{name: np.ndarray}` without torch."""
   path = os.fspath(path)
@@ -188,13 +192,13 @@ def read_torch_state_dict(path: str) -> dict:
       names = z.namelist()
       pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
       if not pkl:
-        raise ScalesError(f"{path}: not a torch zip checkpoint (no data.pkl inside)")
+        raise ScalesError(f"{path}: not a torch zip checkpoint (no data.pkl inside), so {_NOT_A_SCALES_FILE}")
       prefix = pkl[0][: -len("data.pkl")]
       state = _TorchUnpickler(z.read(pkl[0]), lambda key: z.read(f"{prefix}data/{key}")).load()
   except ScalesError:
     raise
   except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError) as e:
-    raise ScalesError(f"{path}: corrupt or unreadable torch scales file ({type(e).__name__}: {e})") from None
+    raise ScalesError(f"{path}: corrupt or unreadable, {_NOT_A_SCALES_FILE} ({type(e).__name__}: {e})") from None
   if not isinstance(state, Mapping):
     raise ScalesError(f"{path}: expected a state dict, found {type(state).__name__}")
   return {str(k): np.asarray(v) for k, v in state.items()}
@@ -317,4 +321,4 @@ def load_scales(path: str):
   except ScalesError:
     raise
   except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
-    raise ScalesError(f"{path}: corrupt or unreadable scales file ({type(e).__name__}: {e})") from None
+    raise ScalesError(f"{path}: corrupt or unreadable, {_NOT_A_SCALES_FILE} ({type(e).__name__}: {e})") from None

@@ -234,14 +234,7 @@ def load_run_scales(config: Config) -> Optional[dict]:
   path = os.path.abspath(os.path.expanduser(config.scales))
   if not os.path.isfile(path):
     raise ScalesError(f"scales file {config.scales} does not exist (config key 'scales')")
-  try:
-    scales, _ = load_scales(path)
-  except ScalesError as e:
-    text = str(e)
-    if "pickle" in text or "corrupt or unreadable" in text or "zip" in text.lower():
-      raise ScalesError(f"{path}: neither a repopt_jax .npz scales file nor an official PyTorch .pth "
-                        "checkpoint (corrupt, truncated or another format)") from None
-    raise
+  scales, _ = load_scales(path)  # a file it cannot decode: "neither a repopt_jax .npz ... nor ... .pth"
   for name, s in scales.items():
     parts = [s.conv, s.pointwise] + [w for _, w in (s.extra or ())]
     if all(p is None or not np.any(np.asarray(p)) for p in parts):
