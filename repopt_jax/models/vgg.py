@@ -116,6 +116,9 @@ ARCHS: Dict[str, VGGConfig] = {
     # Small sizes for tests and CPU demos (same topology: five stride-2 stages).
     "tiny": VGGConfig("tiny", (1, 2, 2, 1), (8, 16, 32, 64), 8),
     "cifar_tiny": VGGConfig("cifar_tiny", (2, 2, 2, 1), (16, 32, 64, 128), 16),
+    # B1's layout (28 conv layers, 23 identity blocks) at 1/8 of its widths: the experiments' CPU size, deep
+    # enough for the Hyper-Search pattern along a stage and for plain VGG to train visibly worse.
+    "B1_eighth": VGGConfig("B1_eighth", _B_BLOCKS, (16, 32, 64, 256), 8),
 }
 
 
