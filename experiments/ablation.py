@@ -161,7 +161,9 @@ def main(argv=None) -> dict:
     for kind in sorted({row[3] for row in rows if row[3] and row[3] != "hs"}):
       paths[kind] = os.path.join(root, "ablation", f"scales_{kind}.npz")
       scales = official if kind == "official_b1" else variant_scales(kind, searched, r.arch, channels)
-      save_scales(paths[kind], scales, {"arch": r.arch, "variant": kind})
+      # Written aside and renamed: another experiment may be reading the same file right now.
+      save_scales(paths[kind] + f".{os.getpid()}.npz", scales, {"arch": r.arch, "variant": kind})
+      os.replace(paths[kind] + f".{os.getpid()}.npz", paths[kind])
 
     def run(row, seed):
       name = study.main_run_name(REUSED[row[0]], seed) if row[0] in REUSED else f"ablation/{row[0]}_s{seed}"
@@ -177,16 +179,24 @@ def main(argv=None) -> dict:
         f"{100 * pilot['repvgg']:.2f}%: full - none = {pilot_gap:+.2f} points")
     table = {row[0]: [] for row in rows}
     results = {row[0]: [] for row in rows}
+    hs = study.search_info(root)
+    done = []
     for seed in args.seeds:  # seeds outermost: an interrupted run still has whole seeds for every row
       for row in rows:
         res = run(row, seed)
         table[row[0]].append(res["top1"])
         results[row[0]].append(res)
-    hs = study.search_info(root)
+      done.append(seed)
+      out = write_report(args, r, info, rows, done, table, results, pilot, hs, official is not None)
   finally:
     if args.quick and args.root is None:
       shutil.rmtree(root, ignore_errors=True)
+  print("\n\n".join(out["body"][1:4]))
+  return out
 
+
+def write_report(args, r, info, rows, seeds, table, results, pilot, hs, has_official) -> dict:
+  """Writes ablation.{md,json,png} for the whole seeds finished so far; returns the JSON payload."""
   full = np.asarray(table["full"]) if "full" in table else None
   gaps = []
   for key, label, _, _, _, paper in rows:
@@ -202,19 +212,19 @@ def main(argv=None) -> dict:
     v = 100 * np.asarray(table[key])
     out_rows.append([label] + list(v) + [v.mean(), v.std(ddof=1) if len(v) > 1 else None, paper])
   body = [
-      f"Every row: {r.describe()}; seeds {args.seeds}, paired across rows (same init draw, data order and "
+      f"Every row: {r.describe()}; seeds {seeds} (of {args.seeds} asked), paired across rows (same init draw, data order and "
       f"augmentation). HS constants: Hyper-Search of the same network on the same data ({hs['step']} steps; "
       "hyper_search.md).",
-      f"## Pilot (seed {s0}): is the effect resolvable here?\n\n"
+      f"## Pilot (seed {seeds[0]}): is the effect resolvable here?\n\n"
       + common.md_table(["run", "top-1 %"], [["full method (RepOpt-VGG)", 100 * pilot["full"]],
                                              ["none (plain VGG)", 100 * pilot["none"]],
                                              ["RepVGG", 100 * pilot["repvgg"]]])
-      + f"\n\nfull − none = {pilot_gap:+.2f} points (the paper: +1.57). "
+      + f"\n\nfull − none = {100 * (pilot['full'] - pilot['none']):+.2f} points (the paper: +1.57). "
       + (f"That is more than the {PILOT_GAP:g} points asked of the pilot, so the rows were run over every seed."
-         if pilot_gap > PILOT_GAP else f"That is not more than {PILOT_GAP:g} points: at this scale the rows "
+         if 100 * (pilot["full"] - pilot["none"]) > PILOT_GAP else f"That is not more than {PILOT_GAP:g} points: at this scale the rows "
          "cannot be expected to separate; they were run anyway and are reported as measured."),
       "## Top-1 per row\n\n" + common.md_table(
-          ["row"] + [f"seed {s} %" for s in args.seeds] + ["mean %", "std %", "paper % (ImageNet B1)"], out_rows),
+          ["row"] + [f"seed {s} %" for s in seeds] + ["mean %", "std %", "paper % (ImageNet B1)"], out_rows),
       "## Full method minus each row, paired by seed\n\n" + common.md_table(
           ["row", "full − row, points [95% t-interval]", "seeds where full is better", "paper full − row",
            "does 'full is better' reproduce?"],
@@ -227,14 +237,14 @@ def main(argv=None) -> dict:
   ]
   os.makedirs(args.out, exist_ok=True)
   plot(os.path.join(args.out, "ablation.png"), gaps)
-  config = {"recipe": dataclasses.asdict(r), "seeds": args.seeds, "rows": [row[0] for row in rows],
-            "official": args.official if official is not None else None}
+  config = {"recipe": dataclasses.asdict(r), "seeds": seeds, "seeds_asked": args.seeds, "rows": [row[0] for row in rows],
+            "official": args.official if has_official else None}
   common.write_markdown(os.path.join(args.out, "ablation.md"), "Ablation of the constants (paper Fig. 7)", info,
                         config, "\n\n".join(body))
   out = {"info": vars(info), "config": config, "top1": table, "results": results, "gaps": gaps,
          "pilot": pilot, "search": hs}
   common.write_json(os.path.join(args.out, "ablation.json"), out)
-  print("\n\n".join(body[1:4]))
+  out["body"] = body
   return out
 
 

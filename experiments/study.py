@@ -12,7 +12,9 @@ checkpoints are what the quantization study deploys), and an interrupted one res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -95,6 +97,21 @@ def _cpu_seconds() -> float:
   return u.ru_utime + u.ru_stime
 
 
+@contextlib.contextmanager
+def run_lock(workdir: str):
+  """Holds `<workdir>.lock` exclusively: two experiments asking for the same run train it once.
+
+  The second one waits here until the first has finished, then finds its result.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+  with open(os.path.abspath(workdir) + ".lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train(root: str, name: str, config, r: Recipe, log=print) -> Dict[str, float]:
   """Trains (or resumes, or reuses) the run `root/name`; returns its test metrics and timings.
 
@@ -102,6 +119,11 @@ def train(root: str, name: str, config, r: Recipe, log=print) -> Dict[str, float
   nothing the next time any experiment asks for it; a run with a different config under the same name is
   refused by the `Trainer` (it will not resume a different trajectory).
   """
+  with run_lock(os.path.join(root, name)):
+    return _train(root, name, config, r, log)
+
+
+def _train(root: str, name: str, config, r: Recipe, log=print) -> Dict[str, float]:
   from repopt_jax.train import Trainer  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(root, name)
   result_path = os.path.join(workdir, "result.json")
@@ -131,6 +153,11 @@ def train(root: str, name: str, config, r: Recipe, log=print) -> Dict[str, float
 
 def search_scales(root: str, r: Recipe, seed: int = 0, log=print) -> str:
   """Hyper-Search of the study's network on its dataset (run once, then reused); returns the scales file."""
+  with run_lock(os.path.join(root, "hs")):
+    return _search_scales(root, r, seed, log)
+
+
+def _search_scales(root: str, r: Recipe, seed: int = 0, log=print) -> str:
   from repopt_jax.search import search  # pylint: disable=g-import-not-at-top
   workdir = os.path.join(root, "hs")
   path = os.path.join(workdir, "scales.npz")
