@@ -14,6 +14,19 @@ Side by side, on the same batches, in float32:
 Two sets of random per-channel constants: 'signed' (`t` of both signs, as Hyper-Search can produce) and
 'positive' (where the paper's AdamW differs from the exact form only through where `eps` enters).
 
+The float32 pairs are a check of rounding, not of equivalence: training amplifies any float32 rounding
+difference (the control pair, the *same* model started one ulp apart, shows how far rounding alone gets),
+so after some steps their numbers say how chaotic training is. The evidence of equivalence is the float64
+pairs, whose drift stays orders of magnitude below the float32 drifts.
+
+Reproducible numbers: float32 (and float64) sums are split differently by XLA's CPU thread count and by the
+convolution formulation (`repopt_jax.ops`: XLA's convolution or im2col + dot), and with training amplifying
+rounding, either changes every float32 number after a few dozen steps. Both are pinned and recorded in the
+report: `--cpu_threads 1` (the process is pinned to one core before JAX starts; 0 leaves it as is) and
+`--conv lax` (XLA's own convolution, whatever `REPOPT_JAX_CONV` says). The same command on the same machine
+type and software then gives the same numbers, digit for digit (tests/test_experiments_gpu_bench.py runs
+`--tiny` twice in fresh processes and compares every number).
+
 Writes experiments/results/equivalence_drift.{md,png,json}.
 
 Usage: python experiments/equivalence_drift.py [--steps 300] [--tiny] [--out DIR]
@@ -62,12 +75,48 @@ def parse_args(argv=None):
   p.add_argument("--scale_sets", nargs="+", choices=SCALE_SETS, default=list(SCALE_SETS))
   p.add_argument("--float64", choices=("none", "sgd", "all"), default="all",
                  help="also run the SGD (and exact AdamW) pairs in float64, where rounding is 1e-16")
+  p.add_argument("--pairs", nargs="+", choices=[k for k, *_ in PAIRS], default=[k for k, *_ in PAIRS],
+                 help="the pairs to train (default: all; float64 runs those of them in %s)" % ", ".join(F64_PAIRS))
+  p.add_argument("--conv", choices=("lax", "auto", "im2col"), default="lax",
+                 help="convolution formulation (repopt_jax.ops.conv_mode), pinned for reproducible rounding; "
+                      "overrides REPOPT_JAX_CONV (default: lax, XLA's own convolution)")
+  p.add_argument("--cpu_threads", type=int, default=1,
+                 help="pin the process to this many CPU cores before JAX starts, which fixes XLA's CPU thread "
+                      "count and so how its sums are split (default 1; 0: leave the process as it is)")
   p.add_argument("--tiny", action="store_true",
                  help="smoke-test size: 4 steps, batch 8, probe 8, signed only, no float64, fast compile")
   args = p.parse_args(argv)
   if args.tiny:
     args.steps, args.batch_size, args.probe_size, args.scale_sets, args.float64 = 4, 8, 8, ["signed"], "none"
   return args
+
+
+def pin_cpu_threads(n: int) -> dict:
+  """Pins this process to its first `n` allowed CPU cores before JAX's CPU backend starts.
+
+  XLA sizes its CPU thread pool from the cores the process may run on, and splits reductions (BatchNorm
+  statistics, weight gradients) by it: the same program gives other float32 roundings with another count.
+
+  Returns:
+    `{'cpu_threads': n or None, 'cores_allowed': cores this process may run on now}`.
+
+  Raises:
+    SystemExit: `n > 0` but JAX's backends already started with another core count (a call from a process
+      that already used JAX): run the script in a fresh process, or pass `--cpu_threads 0`.
+  """
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
+  allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+  if n <= 0 or allowed is None:
+    return {"cpu_threads": None, "cores_allowed": len(allowed) if allowed else os.cpu_count()}
+  if len(allowed) != n:
+    if xla_bridge.backends_are_initialized():
+      raise SystemExit(f"--cpu_threads {n}: JAX already started in this process with {len(allowed)} cores; "
+                       "run the script in a fresh process, or pass --cpu_threads 0")
+    if len(allowed) < n:
+      raise SystemExit(f"--cpu_threads {n}: only {len(allowed)} cores are available to this process")
+    os.sched_setaffinity(0, allowed[:n])
+  return {"cpu_threads": n, "cores_allowed": n}
 
 
 def random_scales(arch, in_channels: int, kind: str, seed: int) -> dict:
@@ -196,9 +245,9 @@ def run_scale_set(args, kind: str, spec, mesh) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   scales = random_scales(args.arch, spec.channels, kind, args.seed + 1)
-  res = run_lockstep(args, scales, spec, mesh, "float32", [p[0] for p in PAIRS])
-  if args.float64 != "none":
-    keys = F64_PAIRS if args.float64 == "all" else ("sgd",)
+  res = run_lockstep(args, scales, spec, mesh, "float32", args.pairs)
+  keys = [k for k in (F64_PAIRS if args.float64 == "all" else ("sgd",)) if k in args.pairs]
+  if args.float64 != "none" and keys:
     old = jax.config.read("jax_enable_x64")
     jax.config.update("jax_enable_x64", True)
     try:
@@ -223,7 +272,7 @@ def plot(path: str, results: dict, steps: int) -> None:
   styles = {"sgd": ("tab:blue", "-"), "sgd_control": ("grey", "-"), "adamw_exact": ("tab:green", "-"),
             "adamw_paper": ("tab:red", "--"), "sgd_f64": ("tab:blue", ":"), "adamw_exact_f64": ("tab:green", ":")}
   for ax, (kind, res) in zip(axes[0], results.items()):
-    x = np.arange(len(res["drift"]["sgd"]))
+    x = np.arange(len(next(iter(res["drift"].values()))))
     for key, label in pair_labels():
       if key not in res["drift"]:
         continue
@@ -245,14 +294,27 @@ def plot(path: str, results: dict, steps: int) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  pinned = pin_cpu_threads(args.cpu_threads)  # before anything starts JAX's backends
   import jax  # pylint: disable=g-import-not-at-top
-  from repopt_jax import data, train  # pylint: disable=g-import-not-at-top
+  from repopt_jax import data, ops, train  # pylint: disable=g-import-not-at-top
 
   info = common.RunInfo.collect(["python", "experiments/equivalence_drift.py"] + list(
       sys.argv[1:] if argv is None else argv))
   spec = data.dataset_info(args.dataset, args.data_dir)
   mesh = train.make_mesh(jax.devices()[:1])
-  results = {kind: run_scale_set(args, kind, spec, mesh) for kind in args.scale_sets}
+  with ops.conv_mode(args.conv):  # read when the steps are traced, i.e. inside the runs
+    results = {kind: run_scale_set(args, kind, spec, mesh) for kind in args.scale_sets}
+  threads = (f"pinned to {pinned['cpu_threads']} core(s) before JAX started (`--cpu_threads "
+             f"{pinned['cpu_threads']}`), so XLA's CPU thread pool has that size" if pinned["cpu_threads"]
+             else f"not pinned (`--cpu_threads 0`): {pinned['cores_allowed']} cores allowed")
+  conditions = (f"Pinned for reproducibility: the process {threads}; the convolution formulation is "
+                f"`{args.conv}` (`--conv`, `repopt_jax.ops.conv_mode`; `REPOPT_JAX_CONV` is ignored); the batches, "
+                f"probe images, constants and initial parameters come from seed {args.seed}. Both change how "
+                "sums are rounded, and training amplifies any rounding difference, so another thread count or "
+                "formulation gives other numbers (in float32 entirely other ones after a few dozen steps). "
+                "With these fixed, the same command on the same CPU type and "
+                "software versions reproduces every number (tests/test_experiments_gpu_bench.py runs `--tiny` "
+                "twice and compares them).")
 
   marks = sorted({0, 1, min(10, args.steps), min(50, args.steps), min(100, args.steps), args.steps // 2,
                   args.steps})
@@ -263,6 +325,14 @@ def main(argv=None) -> dict:
       f"float64, on {info.devices}. The control pair is two plain-SGD runs of the *same* csla model, one started "
       "with every parameter moved by one ulp: how much float32 rounding alone is amplified by training, the "
       "noise floor the RepOptimizer pair should be compared with.",
+      "In float32, training amplifies rounding: a pair's drift can grow from about 1e-7 to the size of the "
+      "difference between two separately trained networks, after a number of steps that depends on the "
+      "rounding details themselves; the control pair shows how far rounding alone gets. So the float32 rows "
+      "cannot tell rounding from a wrong rule. **float64 is the evidence of equivalence**: every pair starts "
+      "about 1e9 times closer, a pair that is equal in exact arithmetic stays far below the float32 drifts, "
+      "and a wrong Rule of Iteration or Initialization would give an error that does not shrink with the "
+      "precision.",
+      conditions,
   ]
   for kind, res in results.items():
     rows = []
@@ -276,16 +346,19 @@ def main(argv=None) -> dict:
                  res["probe_accuracy"][k]] for k in res["loss"]]
     body.append(common.md_table(["run", "first loss", "last loss", "probe accuracy"], acc_rows))
     d = res["drift"]
+    top = lambda k: common.fmt(max(d[k])) if k in d else "-"
     body.append(f"Training took {res['seconds']:.1f} s. Largest drift over the run: RepOpt-SGD pair "
-                f"{common.fmt(max(d['sgd']))} vs float32 control {common.fmt(max(d['sgd_control']))}"
-                + (f"; in float64 {common.fmt(max(d['sgd_f64']))}" if "sgd_f64" in d else "")
-                + f". Exact AdamW {common.fmt(max(d['adamw_exact']))} vs the paper's approximation "
-                f"{common.fmt(max(d['adamw_paper']))}.")
+                f"{top('sgd')} vs float32 control {top('sgd_control')}"
+                + (f"; in float64 {top('sgd_f64')}" if "sgd_f64" in d else "")
+                + f". Exact AdamW {top('adamw_exact')}"
+                + (f" (float64 {top('adamw_exact_f64')})" if "adamw_exact_f64" in d else "")
+                + f" vs the paper's approximation {top('adamw_paper')}.")
   stem = os.path.join(args.out, f"equivalence_drift{args.tag}")
   body.append(f"![drift](equivalence_drift{args.tag}.png)")
   os.makedirs(args.out, exist_ok=True)
   plot(stem + ".png", results, args.steps)
   config = {k: v for k, v in vars(args).items() if k != "out"}
+  config["cores_allowed"] = pinned["cores_allowed"]
   common.write_markdown(stem + ".md", "Equivalence drift: RepOptimizer vs the multi-branch model", info, config,
                         "\n\n".join(body))
   summary = {kind: {key: {"final": d[-1], "max": max(d)} for key, d in res["drift"].items()}

@@ -2,12 +2,14 @@
 # RepOpt-VGG-B1 vs RepVGG-B1 vs plain at 224x224 on one GPU (H100/H200), meant to finish in under 8 minutes:
 #   1. experiments/speed_memory.py, twice (bfloat16, then float32 = TF32 convolutions, JAX's GPU default):
 #      train images/s of RepOpt-SGD / RepVGG+SGD / plain SGD at batch 32, 64 and 128, the compiled train-step
-#      memory of each, and the largest batch within 80 GiB (searched once per dtype from the three measured
-#      batches' memory; the probes compile without conv autotuning, which memory does not need).
+#      memory of each and its slope per example (batch vs twice the batch, compiled only), and the largest batch
+#      within 80 GiB (searched once per dtype from the measured batches' memory; the probes compile without
+#      conv autotuning, which memory does not need).
 #   2. experiments/gpu_report.py: one table of both with model FLOPs utilization (MFU, datasheet peaks).
 #   3. experiments/equivalence_drift.py: the csla B1 with SGD vs the target B1 with RepOpt-SGD (and the AdamW
 #      pairs) for 20 steps at 224x224 in true float32 (JAX_DEFAULT_MATMUL_PRECISION=highest: TF32 rounds at
-#      1e-3). Only when steps 1-2 took less than EQUIV_IF_UNDER_S seconds (default 240), so that the whole run
+#      1e-3; --cpu_threads 0: the host is not pinned to one core, GPU compilation uses many). Only when steps
+#      1-2 took less than EQUIV_IF_UNDER_S seconds (default 240), so that the whole run
 #      stays within the 8 minutes; otherwise it says it skipped it.
 # Prints the tables and leaves the reports in experiments/results/: speed_memory_gpu_b1_{bf16,f32}.*,
 # gpu_bench_b1.{md,json}, equivalence_drift_gpu_b1.*
@@ -34,7 +36,7 @@ case "$MODE" in
             --probe_options '{"xla_gpu_autotune_level": 0}' --no_inference)
     PEAK=()
     EQUIV=(experiments/equivalence_drift.py --arch B1 --image_size 224 --steps 20 --batch_size 16
-           --probe_size 16 --scale_sets signed --float64 none --tag "$TAG" --out "$OUT")
+           --probe_size 16 --scale_sets signed --float64 none --cpu_threads 0 --tag "$TAG" --out "$OUT")
     ;;
   --tiny)
     TAG=_gpu_bench_tiny

@@ -69,10 +69,12 @@ def rows_of(report: dict, override_tflops=None) -> list:
       ips = run["train_images_per_s"]
       flops_per_s = ips * 6 * run["macs_per_image"]
       mb = run.get("max_batch")
+      per = run.get("memory_per_example", {}).get("bytes_per_example")
       rows.append({
           "dtype": dtype, "arch": res["arch"], "image_size": res["image_size"], "batch": res["batch"], "run": name,
           "images_per_s": ips, "step_ms": run["step_s"] * 1e3, "memory_gib": run["memory"]["total"] / GIB,
           "budget_gib": res["memory_budget_bytes"] / GIB,
+          "memory_per_example_mib": per / 2 ** 20 if per is not None else None,
           "max_batch": mb["batch"] if mb else None, "max_batch_exact": mb["exact"] if mb else None,
           "train_tflops": flops_per_s / 1e12, "peak_tflops": peak / 1e12 if peak else None,
           "mfu": flops_per_s / peak if peak else None})
@@ -102,25 +104,28 @@ def main(argv=None):
       mb = {k: res["runs"][k].get("max_batch", {}).get("batch") for k in ("repopt", "repvgg")}
       ratios.append([rep["config"]["compute_dtype"], res["batch"], ips["repopt"] / ips["repvgg"],
                      ips["repopt"] / ips["plain"], mem["repopt"] / mem["repvgg"],
-                     mb["repopt"] / mb["repvgg"] if mb["repopt"] and mb["repvgg"] else None])
+                     mb["repopt"] / mb["repvgg"] if mb["repopt"] and mb["repvgg"] else None,
+                     res.get("per_example_ratio")])
   body = [
       f"Device: {', '.join(devices)}. Inputs: the reports of {len(reports)} runs of experiments/speed_memory.py:",
       "", *[f"- `{c}`" for c in commands], "",
       "Images/s: best of the interleaved timed rounds (wall clock). Memory: XLA's memory analysis of the "
-      "compiled train step (arguments + outputs + temporaries - aliased). Largest batch: the largest batch whose "
+      "compiled train step (arguments + outputs + temporaries - aliased); per example: its slope between the "
+      "batch and twice the batch (both compiled), independent of the budget. Largest batch: the largest batch whose "
       "compiled step fits the budget, searched from the measured batches' memory (shown for the last batch "
       "of each dtype). MFU = images/s x 6 x MACs/image / peak; peak = the datasheet's dense bfloat16 or TF32 "
       "tensor-core peak of the device" + (f" (overridden: {args.peak_tflops} TFLOP/s)" if args.peak_tflops else "")
       + "; '-' where the device is not in the table.", "",
       "## Per run", "",
-      common.md_table(["dtype", "model", "batch", "run", "img/s", "step ms", "memory GiB", "budget GiB",
-                       "max batch", "train TFLOP/s", "MFU"],
+      common.md_table(["dtype", "model", "batch", "run", "img/s", "step ms", "memory GiB", "MiB/example",
+                       "budget GiB", "max batch", "train TFLOP/s", "MFU"],
                       [[r["dtype"], f"{r['arch']}@{r['image_size']}", r["batch"], r["run"], r["images_per_s"],
-                        r["step_ms"], r["memory_gib"], r["budget_gib"], r["max_batch"], r["train_tflops"],
-                        r["mfu"]] for r in rows], align="llllrrrrrrr"), "",
+                        r["step_ms"], r["memory_gib"], r["memory_per_example_mib"], r["budget_gib"],
+                        r["max_batch"], r["train_tflops"], r["mfu"]] for r in rows], align="llllrrrrrrrr"), "",
       "## RepOpt vs RepVGG vs plain", "",
       common.md_table(["dtype", "batch", "repopt / repvgg img/s", "repopt / plain img/s",
-                       "repopt / repvgg memory", "repopt / repvgg max batch"], ratios), ""]
+                       "repopt / repvgg memory", "repopt / repvgg max batch",
+                       "repvgg / repopt per-example memory"], ratios), ""]
   config = vars(args)
   common.write_markdown(args.out + ".md", "GPU benchmark: RepOpt-VGG vs RepVGG vs plain", info, config,
                         "\n".join(body))

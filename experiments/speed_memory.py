@@ -11,7 +11,10 @@ hits all of them alike; on CPU also images per CPU-second of this process, which
 disturb, and the CPU ratios use those), the compiled memory of the train step from XLA's memory analysis of the jitted
 step (arguments + outputs + temporaries - aliased; the state is donated so it counts once), the largest batch
 whose compiled step fits a memory budget (a search on the compiled memory analysis, seeded by a linear fit,
-nothing is run), and inference images/s of the deployed model (`reparam.fuse_repvgg` of the RepVGG, the
+nothing is run), the memory per example (the slope of the compiled step's memory between the benchmark batch
+and twice it: activations and other per-example buffers, independent of any budget; the RepVGG / RepOpt-VGG
+ratio of these slopes is what decides how much larger a batch RepOpt-VGG trains on a large memory), and
+inference images/s of the deployed model (`reparam.fuse_repvgg` of the RepVGG, the
 same network as a trained RepOpt-VGG) against the un-fused RepVGG in eval mode. Inputs are random images.
 
 CPU default: cifar_tiny at 32 px (batch 32) and B1 at 64 px (batch 8). GPU (`--gpu`, or automatically when a
@@ -69,17 +72,21 @@ def parse_args(argv=None):
                       "'{\"xla_gpu_autotune_level\": 0}': memory needs no conv autotuning)")
   p.add_argument("--no_inference", action="store_true", help="skip the inference comparison")
   p.add_argument("--infer_steps", type=int, default=None, help="timed inference batches (default: timed steps)")
+  p.add_argument("--conv", choices=("auto", "lax", "im2col"), default=os.environ.get("REPOPT_JAX_CONV", "auto"),
+                 help="convolution formulation (repopt_jax.ops.conv_mode; default: $REPOPT_JAX_CONV, else 'auto', "
+                      "what the trainer uses): 'auto' computes convolutions with small outputs as im2col + dot on "
+                      "CPU, which changes their speed and memory")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=common.RESULTS)
   p.add_argument("--tag", default=None, help="report name suffix (default: '_gpu' on GPU, '' on CPU)")
   p.add_argument("--tiny", action="store_true",
-                 help="smoke-test size: the tiny arch, batch 4, 2 steps, 1 round, 1 probe, fast compile")
+                 help="smoke-test size: the tiny arch, batch 4, 2 steps, 1 round, 6 probes, fast compile")
   args = p.parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   args.on_gpu = jax.default_backend() == "gpu"
   gpu = args.gpu or args.on_gpu
   if args.tiny:
-    args.archs, args.rounds, args.max_probes = list(TINY_ARCHS), 1, 1
+    args.archs, args.rounds, args.max_probes = list(TINY_ARCHS), 1, 6
   elif args.archs is None:
     args.archs = list(GPU_ARCHS if gpu else CPU_ARCHS)
   args.compute_dtype = args.compute_dtype or ("bfloat16" if gpu else "float32")
@@ -136,7 +143,9 @@ def largest_batch(memory_of, budget: int, known: dict, max_probes: int) -> dict:
 
   Returns:
     `{'batch': largest fitting batch found (0 if none), 'exact': whether batch + 1 is known not to fit,
-    'probes': compilations used, 'bytes_per_example': slope of the last fit (None without two points)}`.
+    'probes': compilations used, 'bytes_per_example': slope of the last fit (None without two points),
+    'batch_bytes': memory of 'batch' (None for 0), 'next_batch': smallest batch known not to fit (None if
+    none), 'next_bytes': its memory}`.
 
   Example:
     >>> largest_batch(lambda b: 1000 + 37 * b, 5000, {8: 1296}, 8)['batch']  # (5000 - 1000) // 37
@@ -173,7 +182,33 @@ def largest_batch(memory_of, budget: int, known: dict, max_probes: int) -> dict:
     known[guess] = memory_of(guess)
     probes += 1
   lo, hi = bracket()
-  return {"batch": lo, "exact": hi is not None and hi == lo + 1, "probes": probes, "bytes_per_example": slope}
+  return {"batch": lo, "exact": hi is not None and hi == lo + 1, "probes": probes, "bytes_per_example": slope,
+          "batch_bytes": known.get(lo), "next_batch": hi, "next_bytes": None if hi is None else known[hi]}
+
+
+def per_example_memory(memory_of, batches) -> dict:
+  """Compiled memory per example: the slope of `memory_of` between two batch sizes.
+
+  The train step's memory is a fixed part (parameters, optimizer state, their gradients) plus a part that
+  grows with the batch (activations kept for the backward pass, their gradients, the input). The slope
+  between two batches measures the second part alone, with no memory budget involved.
+
+  Args:
+    memory_of: batch -> compiled bytes.
+    batches: two different batch sizes.
+
+  Returns:
+    `{'batches': [b0, b1], 'bytes': [m0, m1], 'bytes_per_example': (m1 - m0) / (b1 - b0)}`.
+
+  Example:
+    >>> per_example_memory(lambda b: 1000 + 37 * b, (8, 16))['bytes_per_example']
+    37.0
+  """
+  b0, b1 = sorted(int(b) for b in batches)
+  if b0 == b1 or b0 < 1:
+    raise ValueError(f"per_example_memory: needs two different positive batch sizes, got {batches}")
+  m0, m1 = memory_of(b0), memory_of(b1)
+  return {"batches": [b0, b1], "bytes": [int(m0), int(m1)], "bytes_per_example": (m1 - m0) / (b1 - b0)}
 
 
 def random_batch(batch, image_size, channels, num_classes, seed):
@@ -243,24 +278,43 @@ def bench_arch(args, arch: str, image_size: int, batch: int, steps: int, mesh, l
     res["runs"][k]["train_images_per_s"] = batch / sec["wall"]
     res["runs"][k]["train_images_per_cpu_s"] = batch / sec["cpu"]
 
-  # Largest batch within the budget, for the two models the paper compares.
+  # Compiled memory at other batches (nothing is run): per example for every run, and the largest batch within
+  # the budget for the two models the paper compares. With --probe_options every point, the benchmark batch
+  # included, is compiled with those options, so that a slope never mixes two compilations' choices.
+  probe_options = json.loads(args.probe_options) if args.probe_options else None
+  measured = {name: {} for name in steppers}
+
+  def memory_fn(name):
+    st = steppers[name]
+
+    def memory_of(b):
+      if b not in measured[name]:
+        if b == batch and probe_options is None:
+          measured[name][b] = res["runs"][name]["memory"]["total"]
+        else:
+          abstract = {"image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32),
+                      "label": jax.ShapeDtypeStruct((b,), np.int32)}
+          compiled = (st.compiled(abstract) if probe_options is None
+                      else st.step_fn.lower(st.state, abstract).compile(probe_options))
+          measured[name][b] = compiled_memory(compiled)["total"]
+      return measured[name][b]
+    return memory_of
+
+  for name in steppers:
+    per = per_example_memory(memory_fn(name), (batch, 2 * batch))
+    res["runs"][name]["memory_per_example"] = per
+    log(f"{arch}@{image_size} {name}: {per['bytes_per_example'] / 2**20:.3f} MiB per example "
+        f"(batches {per['batches']})")
+  res["per_example_ratio"] = (res["runs"]["repvgg"]["memory_per_example"]["bytes_per_example"]
+                              / res["runs"]["repopt"]["memory_per_example"]["bytes_per_example"])
+
   budget = (args.memory_budget_gib * GIB if args.memory_budget_gib
             else 2 * res["runs"]["repvgg"]["memory"]["total"])
   res["memory_budget_bytes"] = int(budget)
   if not args.no_max_batch and max_batch:
-    probe_options = json.loads(args.probe_options) if args.probe_options else None
     for name in ("repopt", "repvgg"):
-      st = steppers[name]
-
-      def memory_of(b, st=st):
-        abstract = {"image": jax.ShapeDtypeStruct((b, image_size, image_size, 3), np.float32),
-                    "label": jax.ShapeDtypeStruct((b,), np.int32)}
-        if probe_options is None:
-          return compiled_memory(st.compiled(abstract))["total"]
-        return compiled_memory(st.step_fn.lower(st.state, abstract).compile(probe_options))["total"]
-
-      known = {**(known_memory or {}).get(name, {}), batch: res["runs"][name]["memory"]["total"]}
-      found = largest_batch(memory_of, budget, known, args.max_probes)
+      known = {**(known_memory or {}).get(name, {}), **measured[name]}
+      found = largest_batch(memory_fn(name), budget, known, args.max_probes)
       found["seed_batches"] = sorted(known)
       res["runs"][name]["max_batch"] = found
       log(f"{arch} {name}: largest batch within {budget / GIB:.2f} GiB: {found}")
@@ -289,9 +343,11 @@ def bench_arch(args, arch: str, image_size: int, batch: int, steps: int, mesh, l
 
 
 def report_rows(results, cpu: bool):
-  """Table rows; on CPU the speed ratios use CPU seconds (robust to other jobs), on GPU the wall clock."""
+  """Table rows; on CPU the speed ratios use CPU seconds (robust to other jobs), on GPU the wall clock.
+
+  Returns `(speed, memory, max_batch, inference)` row lists."""
   r = lambda a, b: a / b if a and b else None
-  speed, memory, infer = [], [], []
+  speed, memory, maxb, infer = [], [], [], []
   key = "train_images_per_cpu_s" if cpu else "train_images_per_s"
   for res in results:
     runs = res["runs"]
@@ -303,34 +359,91 @@ def report_rows(results, cpu: bool):
       row += [rate["repopt"], rate["repvgg"], rate["plain"]]
     speed.append(row + [r(rate["repopt"], rate["repvgg"]), r(rate["plain"], rate["repopt"])])
     mem = {k: v["memory"]["total"] / 2 ** 20 for k, v in runs.items()}
-    mb = {k: runs[k].get("max_batch", {}).get("batch") for k in ("repopt", "repvgg")}
+    per = {k: v["memory_per_example"]["bytes_per_example"] / 2 ** 20 if "memory_per_example" in v else None
+           for k, v in runs.items()}
     memory.append([tag, mem["repopt"], mem["repvgg"], mem["plain"], r(mem["repopt"], mem["repvgg"]),
-                   res["memory_budget_bytes"] / GIB, mb["repopt"], mb["repvgg"], r(mb["repopt"], mb["repvgg"])])
+                   per["repopt"], per["repvgg"], per["plain"], r(per["repvgg"], per["repopt"])])
+    mb = {k: runs[k].get("max_batch", {}).get("batch") for k in ("repopt", "repvgg")}
+    if any(mb.values()):
+      maxb.append([tag, res["memory_budget_bytes"] / GIB, mb["repopt"], mb["repvgg"], r(mb["repopt"], mb["repvgg"]),
+                   r(per["repvgg"], per["repopt"])])
     if "inference_images_per_s" not in res:  # --no_inference
       continue
     inf = res["inference_images_per_cpu_s" if cpu else "inference_images_per_s"]
     infer.append([tag, res["inference_images_per_s"]["deployed"], res["inference_images_per_s"]["repvgg_unfused"],
                   r(inf["deployed"], inf["repvgg_unfused"]), res["deployed_params"], runs["repvgg"]["train_params"],
                   res["fusion_max_rel_diff"]])
-  return speed, memory, infer
+  return speed, memory, maxb, infer
 
 
-def plot(path, results):
+# The runs as the tables define them (legends say the same).
+LEGEND = {"repopt": "repopt: target model + RepOpt-SGD", "repvgg": "repvgg: RepVGG training-time model + SGD",
+          "plain": "plain: target model + plain SGD"}
+COLORS = {"repopt": "tab:green", "repvgg": "tab:red", "plain": "tab:blue"}
+
+
+def _num(v) -> str:
+  return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _bars(ax, labels, series: dict, title: str, fmt=_num):
+  """Grouped bars with their values written on them; a log axis when the values span more than a decade
+  (its lower limit a power of ten below the smallest bar), else a linear axis from 0."""
+  x = np.arange(len(labels))
+  values = [v for vs in series.values() for v in vs if v]
+  log = bool(values) and max(values) / min(values) > 10
+  w = 0.8 / max(len(series), 1)
+  for i, (name, vs) in enumerate(series.items()):
+    pos = x + (i - (len(series) - 1) / 2) * w
+    heights = [v if v else 0 for v in vs]
+    ax.bar(pos, heights, w, label=LEGEND[name], color=COLORS[name])
+    for p_, v in zip(pos, vs):
+      if v:
+        ax.text(p_, v, fmt(v), ha="center", va="bottom", fontsize=7, rotation=90 if len(labels) > 2 else 0)
+  if log:
+    ax.set_yscale("log")
+    lo, hi = min(values), max(values)
+    ax.set_ylim(10 ** math.floor(math.log10(lo)), 10 ** (math.log10(hi) + 0.35 * max(math.log10(hi / lo), 1)))
+    title += " (log scale)"
+  else:
+    ax.set_ylim(0, 1.25 * max(values) if values else 1)
+  ax.set_xticks(x, labels)
+  ax.set_title(title, fontsize=10)
+
+
+def plot(path, results, cpu: bool = False):
+  """Four panels: train speed, compiled step memory, memory per example, largest batch within the budget
+  (annotated with the max-batch ratio and the per-example memory ratio)."""
   plt = common.setup_matplotlib()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  labels = [f"{r['arch']}@{r['image_size']}" for r in results]
-  x = np.arange(len(results))
-  w = 0.27
-  for i, (name, color) in enumerate((("repopt", "tab:green"), ("repvgg", "tab:red"), ("plain", "tab:blue"))):
-    axes[0].bar(x + (i - 1) * w, [r["runs"][name]["train_images_per_s"] for r in results], w, label=name,
-                color=color)
-    axes[1].bar(x + (i - 1) * w, [r["runs"][name]["memory"]["total"] / 2 ** 20 for r in results], w, label=name,
-                color=color)
-  for ax, title in zip(axes, ("train images/s (higher is better)", "compiled train-step memory, MiB")):
-    ax.set_xticks(x, labels)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+  labels = [f"{r['arch']}@{r['image_size']}\nbatch {r['batch']}" for r in results]
+  names = ("repopt", "repvgg", "plain")
+  key = "train_images_per_cpu_s" if cpu else "train_images_per_s"
+  _bars(axes[0, 0], labels, {n: [r["runs"][n][key] for r in results] for n in names},
+        "train images per CPU-second (higher is better)" if cpu else "train images/s (higher is better)")
+  _bars(axes[0, 1], labels, {n: [r["runs"][n]["memory"]["total"] / 2 ** 20 for r in results] for n in names},
+        "compiled train-step memory at the batch, MiB")
+  per = lambda r, n: (r["runs"][n]["memory_per_example"]["bytes_per_example"] / 2 ** 20
+                      if "memory_per_example" in r["runs"][n] else None)
+  _bars(axes[1, 0], labels, {n: [per(r, n) for r in results] for n in names},
+        "memory per example (slope between batch and 2x batch), MiB")
+  ax = axes[1, 1]
+  mb = {n: [r["runs"][n].get("max_batch", {}).get("batch") for r in results] for n in ("repopt", "repvgg")}
+  _bars(ax, labels, mb, "largest batch within the memory budget", fmt=lambda v: str(int(v)))
+  for i, r in enumerate(results):
+    a, b = mb["repopt"][i], mb["repvgg"][i]
+    notes = []
+    if a and b:
+      notes.append(f"max batch repopt/repvgg {a / b:.2f}")
+    if r.get("per_example_ratio"):
+      notes.append(f"memory/example repvgg/repopt {r['per_example_ratio']:.2f}")
+    if r.get("memory_budget_bytes"):
+      notes.append(f"budget {r['memory_budget_bytes'] / GIB:.3g} GiB")
+    ax.text(i, ax.get_ylim()[1] * (0.97 if ax.get_yscale() == "linear" else 0.8), "\n".join(notes),
+            ha="center", va="top", fontsize=7)
+  handles, texts = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, texts, loc="lower center", ncol=3, fontsize=9, frameon=False)
+  fig.tight_layout(rect=(0, 0.04, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
@@ -346,16 +459,18 @@ def main(argv=None) -> list:
   log = lambda msg: print(msg, flush=True)
   # The largest-batch search of an arch/size runs once, at its last entry, seeded with the compiled memory of
   # all its entries (e.g. batches 32, 64, 128: the linear fit then needs one or two probes).
+  from repopt_jax import ops  # pylint: disable=g-import-not-at-top
   last = {(a, s): i for i, (a, s, _, _) in enumerate(args.entries)}
   known, results = {}, []
   for i, entry in enumerate(args.entries):
     key = entry[:2]
-    res = bench_arch(args, *entry, mesh, log, known_memory=known.get(key), max_batch=last[key] == i)
+    with ops.conv_mode(args.conv):  # read when the steps are traced (compiled) inside bench_arch
+      res = bench_arch(args, *entry, mesh, log, known_memory=known.get(key), max_batch=last[key] == i)
     for name, run in res["runs"].items():
       known.setdefault(key, {}).setdefault(name, {})[entry[2]] = run["memory"]["total"]
     results.append(res)
   cpu = jax.default_backend() == "cpu"
-  speed, memory, infer = report_rows(results, cpu)
+  speed, memory, maxb, infer = report_rows(results, cpu)
   per = "img/CPU-s" if cpu else "img/s"
   speed_headers = ["config", "repopt img/s", "repvgg img/s", "plain img/s"]
   if cpu:
@@ -365,18 +480,32 @@ def main(argv=None) -> list:
       f"One device ({info.devices}), compute dtype {args.compute_dtype}, params float32, random inputs. "
       "`repopt` = target model + RepOpt-SGD, `repvgg` = RepVGG training-time model + SGD, `plain` = target "
       "model + plain SGD; all with Nesterov momentum 0.9 and weight decay 4e-5, the trainer's `TrainStep`. "
+      f"Convolution formulation `{args.conv}` (`--conv`, `repopt_jax.ops`"
+      + ("; on CPU, convolutions with at most 64 output pixels per image run as im2col + one matrix product, "
+         "the others as XLA's convolution" if args.conv == "auto" else "") + "). "
       f"Images/s: best of {args.rounds} interleaved rounds by the wall clock"
       + (", and images per CPU-second of this process (all threads), best of the same rounds: on a CPU "
          "shared with other jobs the wall clock mostly measures them, so the ratios use CPU seconds."
          if cpu else "; the ratios use the wall clock."),
       "## Training speed\n\n" + common.md_table(speed_headers, speed),
       "## Training memory (XLA memory analysis of the compiled step)\n\n"
-      "Memory = arguments + outputs + temporaries - aliased (the donated train state counts once), in MiB. "
-      "Largest batch: the largest batch whose compiled step fits the budget "
-      "(default: 11 GiB on GPU, the paper's 2080 Ti; on CPU twice the RepVGG step's memory at the benchmark "
-      "batch).\n\n" + common.md_table(
-          ["config", "repopt MiB", "repvgg MiB", "plain MiB", "repopt / repvgg memory", "budget GiB",
-           "repopt max batch", "repvgg max batch", "max batch ratio"], memory),
+      "Memory = arguments + outputs + temporaries - aliased (the donated train state counts once), in MiB, at "
+      "the benchmark batch. Per example: the slope of that memory between the benchmark batch and twice it "
+      "(both compiled, nothing run; the batches and bytes are in the JSON), i.e. the activations and other "
+      "buffers that grow with the batch, whatever the memory budget. The last column is RepVGG's per-example "
+      "memory over RepOpt-VGG's (above 1: RepVGG needs more per example).\n\n" + common.md_table(
+          ["config", "repopt MiB", "repvgg MiB", "plain MiB", "repopt / repvgg memory", "repopt MiB/example",
+           "repvgg MiB/example", "plain MiB/example", "repvgg / repopt per-example memory"], memory),
+      "## Largest batch within a memory budget\n\n"
+      "The largest batch whose compiled step fits the budget (default: 11 GiB on GPU, the paper's 2080 Ti; on "
+      "CPU twice the RepVGG step's memory at the benchmark batch), found by compiling (the search is exact when "
+      "the next batch was compiled and does not fit). The max batch ratio depends on the budget (the fixed "
+      "part, parameters and optimizer state, weighs more in a small budget); the per-example memory ratio, "
+      "from the table above, does not: with memory linear in the batch it is the limit the max batch ratio tends "
+      "to as the budget grows."
+      "\n\n" + (common.md_table(["config", "budget GiB", "repopt max batch", "repvgg max batch", "max batch ratio",
+                                 "repvgg / repopt per-example memory"], maxb) if maxb
+                 else "(not searched: `--no_max_batch`)"),
       "## Inference (eval mode)\n\n`deployed` = `fuse_repvgg` of the RepVGG (the same network as a trained "
       "RepOpt-VGG), `repvgg_unfused` = the multi-branch model; max relative difference of their logits shows "
       "the fusion is exact.\n\n" + common.md_table(
@@ -385,13 +514,13 @@ def main(argv=None) -> list:
       "![speed and memory](speed_memory{}.png)".format(args.tag),
   ]
   os.makedirs(args.out, exist_ok=True)
-  plot(os.path.join(args.out, f"speed_memory{args.tag}.png"), results)
+  plot(os.path.join(args.out, f"speed_memory{args.tag}.png"), results, cpu)
   config = {k: v for k, v in vars(args).items() if k not in ("out", "entries")}
   common.write_markdown(os.path.join(args.out, f"speed_memory{args.tag}.md"),
                         "Training speed and memory: RepOpt-VGG vs RepVGG", info, config, "\n\n".join(body))
   common.write_json(os.path.join(args.out, f"speed_memory{args.tag}.json"),
                     {"info": vars(info), "config": config, "results": results})
-  print("\n\n".join(body[1:4]))
+  print("\n\n".join(body[1:5]))
   return results
 
 

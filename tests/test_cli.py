@@ -67,11 +67,12 @@ def test_cli_search_then_train_with_the_scales_then_eval_on_digits(ddir, tmp_pat
   assert meta["in_channels"] == 1 and meta["num_classes"] == 10 and meta["hs_init"] == "official"
   assert meta["config"]["model"]["mode"] == "hs" and meta["step"] == 30
   assert list(scales) == ["stage0", "stage1.0", "stage2.0", "stage2.1", "stage3.0", "stage3.1", "stage4.0"]
-  # The scales were trained: stage2.1 starts at sqrt(2) (official HS init); its trained gamma is kept.
+  # The scales were trained: stage2.1 starts at sqrt(2) (official HS init); its trained gamma is kept. In these
+  # 30 steps the largest change of its s is 0.021-0.027 and of its gamma 0.047-0.093 (train.seed 0, 1, 2).
   s21 = scales["stage2.1"]
   assert s21.identity and s21.identity_init is not None and s21.identity_init.shape == (16,)
-  assert 0 < np.max(np.abs(np.asarray(s21.conv) - np.sqrt(2))) < 0.5
-  assert 0 < np.max(np.abs(np.asarray(s21.identity_init) - 1.0)) < 0.5
+  assert 0.01 < np.max(np.abs(np.asarray(s21.conv) - np.sqrt(2))) < 0.5
+  assert 0.02 < np.max(np.abs(np.asarray(s21.identity_init) - 1.0)) < 0.5
   for name in ("scales_distribution.png", "identity_variance_ratio.png"):
     assert _is_png(os.path.join(hs, name)), name
   with open(os.path.join(hs, "config.json")) as f:
@@ -204,8 +205,11 @@ def test_bad_input_is_one_clear_line(ddir, tmp_path, capsys):
 def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_path, capsys):
   out = tmp_path / "qs"
   messages = []
-  result = quickstart(str(out), overrides=[f"data.data_dir={ddir}", "train.epochs=null", "train.steps=6",
-                                           "train.eval_every=3", "train.log_every=1"],
+  # 15 steps without warm-up: enough to beat chance (0.1) clearly. Measured test accuracy of the four runs (hs,
+  # RepOpt-VGG, RepVGG, VGG) for train.seed 0 (this test): 0.59, 0.65, 0.59, 0.63; with seeds 1 and 2 every
+  # run reached 0.36-0.70 (the lowest: hs 0.36, RepOpt-VGG 0.40). The bound is 3x chance, below all twelve.
+  result = quickstart(str(out), overrides=[f"data.data_dir={ddir}", "train.epochs=null", "train.steps=15",
+                                           "optim.warmup_epochs=0", "train.eval_every=5", "train.log_every=1"],
                       compiler_options={"xla_backend_optimization_level": 0}, log=messages.append)
   assert [r["name"] for r in result.rows] == ["Hyper-Search (CSLA, trainable scales)", "RepOpt-VGG", "RepVGG",
                                               "VGG"]
@@ -216,10 +220,11 @@ def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_pa
                                                                                      "sgd"]
   plain = count_params(nnx.eval_shape(lambda: RepOptVGG("tiny", "target", num_classes=10, in_channels=1)))
   repvgg_params = count_params(nnx.eval_shape(lambda: RepOptVGG("tiny", "repvgg", num_classes=10, in_channels=1)))
-  assert all(r["params_inference"] == plain and r["steps"] == 6 for r in result.rows)
+  assert all(r["params_inference"] == plain and r["steps"] == 15 for r in result.rows)
   assert rows["repopt_vgg"]["params_train"] == rows["vgg"]["params_train"] == plain
   assert rows["repvgg"]["params_train"] == repvgg_params > plain and rows["hs"]["params_train"] > plain
-  assert all(r["images_per_sec"] > 0 and 0.0 <= r["eval_top1"] <= 1.0 for r in result.rows)
+  assert all(r["images_per_sec"] > 0 for r in result.rows)
+  assert all(r["eval_top1"] > 0.3 for r in result.rows), [(r["key"], r["eval_top1"]) for r in result.rows]
 
   # The RepOpt run used the searched scales; the plots and the table files are there.
   with open(os.path.join(rows["repopt_vgg"]["workdir"], "config.json")) as f:
@@ -229,7 +234,7 @@ def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_pa
   with open(result.files["json"]) as f:
     saved = json.load(f)
   assert [r["eval_top1"] for r in saved["rows"]] == [r["eval_top1"] for r in result.rows]
-  assert saved["scales_metadata"]["arch"] == "tiny" and saved["config"]["train"]["steps"] == 6
+  assert saved["scales_metadata"]["arch"] == "tiny" and saved["config"]["train"]["steps"] == 15
   with open(result.files["markdown"]) as f:
     assert result.table in f.read()
   assert "| RepOpt-VGG | target | repopt_sgd |" in result.table and len(result.table.splitlines()) == 6
@@ -237,12 +242,12 @@ def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_pa
   # fuse (CLI) on the RepVGG run: a plain model with fewer parameters and the same accuracy.
   repvgg, deploy = rows["repvgg"]["workdir"], str(tmp_path / "deploy")
   text = _ok(capsys, ["fuse", "--workdir", repvgg, "--out", deploy, "--fast-compile"])
-  assert f"(RepVGG, {repvgg_params} params)" in text and f"(plain, {plain} params) at step 6" in text
+  assert f"(RepVGG, {repvgg_params} params)" in text and f"(plain, {plain} params) at step 15" in text
   with open(os.path.join(deploy, "config.json")) as f:
     cfg = json.load(f)
   assert cfg["model"]["mode"] == "target" and cfg["optim"]["name"] == "sgd" and cfg["scales"] is None
   after = _eval_json(capsys, deploy)
-  assert after["step"] == 6 and after["mode"] == "target" and after["params"] == plain
+  assert after["step"] == 15 and after["mode"] == "target" and after["params"] == plain
   assert after["eval_top1"] == pytest.approx(rows["repvgg"]["eval_top1"], abs=1.5 / 360)  # one image may flip
 
   # A folder the quickstart did not write is refused before anything runs.

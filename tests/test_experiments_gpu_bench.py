@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repo root: experiments/
 from experiments import equivalence_drift, gpu_report, speed_memory  # noqa: E402
+from experiments.common import fmt as common_fmt  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "experiments", "gpu_bench.sh")
 TAG = "_gpu_bench_tiny"
@@ -40,6 +41,8 @@ def test_gpu_commands_are_b1_at_224():
   assert equiv_cmd.startswith("JAX_DEFAULT_MATMUL_PRECISION=highest ")
   equiv = equivalence_drift.parse_args(shlex.split(equiv_cmd)[3:])
   assert (equiv.arch, equiv.image_size, equiv.tag, equiv.float64) == ("B1", 224, "_gpu_b1", "none")
+  # On the GPU the host is not pinned to one core (XLA compiles with many threads); the formulation is pinned.
+  assert equiv.cpu_threads == 0 and equiv.conv == "lax"
   assert _run("--bogus").returncode == 2
 
 
@@ -88,8 +91,26 @@ def _check_speed(out_dir, stdout):
     # The Grad Mult adds no state: the RepOpt-SGD step's arguments are exactly the plain SGD step's.
     assert runs["repopt"]["memory"]["argument"] == runs["plain"]["memory"]["argument"]
     assert res["fusion_max_rel_diff"] < (1e-5 if dtype == "float32" else 2e-2)  # deployed = fused RepVGG
-    for name in ("repopt", "repvgg"):  # the budget is twice RepVGG's memory at batch 4
-      assert runs[name]["max_batch"]["batch"] >= res["batch"]
+    # Memory per example: the slope between batch 4 and 8 (both compiled). RepVGG keeps three branches'
+    # activations per example (measured on the tiny model: 1.41 in float32, 1.29 in bfloat16); the Grad
+    # Mult adds nothing per example.
+    per = {name: runs[name]["memory_per_example"] for name in runs}
+    for name, p in per.items():
+      assert p["batches"] == [4, 8] and p["bytes"][0] == runs[name]["memory"]["total"], (name, p)
+      assert p["bytes_per_example"] == (p["bytes"][1] - p["bytes"][0]) / 4 > 0
+    ratio = per["repvgg"]["bytes_per_example"] / per["repopt"]["bytes_per_example"]
+    assert res["per_example_ratio"] == pytest.approx(ratio) and ratio > 1.15, (dtype, ratio)
+    assert per["plain"]["bytes_per_example"] == pytest.approx(per["repopt"]["bytes_per_example"], rel=0.02)
+    assert f"| {common_fmt(ratio)} |" in md
+    # The largest batch within the budget (twice RepVGG's memory at batch 4): its compiled memory fits, the
+    # next batch's (compiled too) does not, and the linear prediction from the per-example slope lands near it.
+    budget = res["memory_budget_bytes"]
+    for name in ("repopt", "repvgg"):
+      mb = runs[name]["max_batch"]
+      assert mb["exact"] and mb["next_batch"] == mb["batch"] + 1, (dtype, name, mb)
+      assert mb["batch_bytes"] <= budget < mb["next_bytes"], (dtype, name, mb, budget)
+      linear = 4 + (budget - per[name]["bytes"][0]) / per[name]["bytes_per_example"]
+      assert abs(mb["batch"] - linear) <= 0.25 * linear, (dtype, name, mb["batch"], linear)
   # The summary (printed by gpu_bench.sh and written): both dtypes, three runs each, MFU from the given peak.
   assert "## Per run" in stdout and "| bfloat16 | tiny@32 | 4 | repopt |" in stdout
   rows = json.loads((out_dir / "gpu_bench_tiny.json").read_text())["rows"]
@@ -128,3 +149,29 @@ def test_cpu_path_tiny_runs_speed_memory_and_equivalence(tmp_path):
   assert os.path.getsize(tmp_path / "gpu_bench_tiny.md") > 0
   _check_speed(tmp_path, out.stdout)
   _check_equivalence(tmp_path, out.stdout)
+
+
+@pytest.mark.slow
+def test_equivalence_drift_tiny_gives_the_same_numbers_twice(tmp_path):
+  """Two fresh processes of `equivalence_drift.py --tiny` give every drift value bit for bit, also when the
+  second starts with what the script pins changed: REPOPT_JAX_CONV=im2col (another convolution formulation)
+  and, with more than one core, a single allowed core (another XLA thread count). Either changes the float32
+  rounding when it is not pinned (measured at the default size on 2 cores: the SGD pair's step-0 drift is
+  5.155e-8 with XLA's convolutions, 4.549e-8 with 'auto', 4.404e-8 with 'im2col'; 1 instead of 2 threads
+  changes every value from step 1 on, e.g. 9.550e-8 instead of 9.327e-8)."""
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+  single = (lambda: os.sched_setaffinity(0, cores[:1])) if len(cores) > 1 else None
+  cmd = [sys.executable, "experiments/equivalence_drift.py", "--tiny", "--pairs", "sgd", "sgd_control"]
+  runs = []
+  for i, (env, pre) in enumerate((({}, None), ({"REPOPT_JAX_CONV": "im2col"}, single))):
+    out = subprocess.run(cmd + ["--out", str(tmp_path / str(i))], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, preexec_fn=pre)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    runs.append(json.loads((tmp_path / str(i) / "equivalence_drift.json").read_text()))
+  first, second = runs
+  assert first["config"]["cpu_threads"] == 1 and first["config"]["conv"] == "lax"
+  assert list(first["drift"]["signed"]) == ["sgd", "sgd_control"] and len(first["drift"]["signed"]["sgd"]) == 5
+  assert first["drift"] == second["drift"]  # every value, exactly
+  assert all(v > 0 for v in first["drift"]["signed"]["sgd"])  # a real drift (float32 rounding), not zeros
+  md = (tmp_path / "0" / "equivalence_drift.md").read_text()
+  assert "pinned to 1 core(s) before JAX started" in md and "formulation is `lax`" in md

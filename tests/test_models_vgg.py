@@ -42,17 +42,41 @@ def test_block_names_follow_the_official_code():
   assert "stage3/15/conv/kernel" in paths(model)
 
 
+# Width multipliers (a, b) of the paper sizes: widths (64a, 128a, 256a, 512b), stem min(64, 64a).
+MULTIPLIERS = {"A0": (0.75, 2.5), "A1": (1, 2.5), "A2": (1.5, 2.75), "B0": (1, 2.5), "B1": (2, 4), "B2": (2.5, 5),
+               "B3": (3, 5), "L1": (2, 4), "L2": (2.5, 5)}
+# The small sizes are not from multipliers: (num_blocks, widths, stem width).
+SMALL = {"tiny": ((1, 2, 2, 1), (8, 16, 32, 64), 8), "cifar_tiny": ((2, 2, 2, 1), (16, 32, 64, 128), 16),
+         "B1_eighth": ((4, 6, 16, 1), (16, 32, 64, 256), 8)}
+
+
 def test_arch_table():
   widths = {"A0": (48, 96, 192, 1280), "A1": (64, 128, 256, 1280), "A2": (96, 192, 384, 1408),
             "B0": (64, 128, 256, 1280), "B1": (128, 256, 512, 2048), "B2": (160, 320, 640, 2560),
             "B3": (192, 384, 768, 2560), "L1": (128, 256, 512, 2048), "L2": (160, 320, 640, 2560)}
-  for name, w in widths.items():
-    assert ARCHS[name].widths == w, name
-    assert ARCHS[name].stem_width == min(64, w[0]), name
+  # Every entry is accounted for: a paper size (the multiplier formula) or a listed small size.
+  assert set(ARCHS) == set(MULTIPLIERS) | set(SMALL)
+  for name, (a, b) in MULTIPLIERS.items():
+    assert ARCHS[name].widths == widths[name] == (int(64 * a), int(128 * a), int(256 * a), int(512 * b)), name
+    assert ARCHS[name].stem_width == min(64, int(64 * a)), name
+  for name, (blocks, w, stem) in SMALL.items():
+    assert (ARCHS[name].num_blocks, ARCHS[name].widths, ARCHS[name].stem_width) == (blocks, w, stem), name
   assert ARCHS["L2"].num_blocks == (8, 14, 24, 1) and ARCHS["A1"].num_blocks == (2, 4, 14, 1)
   assert get_arch(ARCHS["tiny"]) is ARCHS["tiny"]
   cfg = VGGConfig("mine", (1, 1, 1, 1), (4, 4, 8, 8), 4)
   assert abstract(cfg, "target", 3).block_names == ["stage0", "stage1.0", "stage2.0", "stage3.0", "stage4.0"]
+
+
+def test_b1_eighth_is_b1s_layout_at_an_eighth_of_its_widths():
+  """28 conv layers (stem + 4 + 6 + 16 + 1 blocks), 23 of them with an identity branch, as in B1."""
+  eighth, b1 = get_arch("B1_eighth").block_specs(1), get_arch("B1").block_specs(1)
+  assert len(eighth) == 28 and sum(sp.has_identity for sp in eighth) == 23
+  assert [(sp.name, sp.stride, sp.has_identity) for sp in eighth] == [(sp.name, sp.stride, sp.has_identity)
+                                                                      for sp in b1]
+  assert [sp.out_channels * 8 for sp in eighth] == [sp.out_channels for sp in b1]
+  model = abstract("B1_eighth", "target", 10)
+  kernels = [p for p in paths(model) if p.endswith("conv/kernel")]
+  assert len(kernels) == 28 and model.block_names == [sp.name for sp in eighth]
 
 
 @pytest.mark.parametrize("arch", ["B1", "B2", "L1", "L2"])
