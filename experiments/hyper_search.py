@@ -93,18 +93,20 @@ def stage_pattern(rows: list, key: str) -> list:
 def plot(path: str, rows: list, has_official: bool) -> None:
   plt = common.setup_matplotlib()
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.2))
-  ident = [r for r in rows if r["identity"]]
-  d = [r["depth"] for r in ident]
-  ax.plot(d, [r["share_init"] for r in ident], "s:", color="gray", label="Hyper-Search init (ours)")
-  ax.plot(d, [r["share"] for r in ident], "o-", color="tab:green", label="searched on Fashion-MNIST (ours)")
+  series = [("share_init", "s:", "gray", "Hyper-Search init (ours)"),
+            ("share", "o-", "tab:green", "searched on Fashion-MNIST (ours)")]
   if has_official:
-    ax.plot(d, [r["share_official"] for r in ident], "^--", color="tab:red", label="official B1 file (CIFAR-100)")
+    series.append(("share_official", "^--", "tab:red", "official B1 file (CIFAR-100)"))
+  for n, stage in enumerate(sorted({r["stage"] for r in rows if r["identity"]})):
+    ident = [r for r in rows if r["identity"] and r["stage"] == stage]  # one line per stage: no cross-stage links
+    for key, style, color, label in series:
+      ax.plot([r["depth"] for r in ident], [r[key] for r in ident], style, color=color, label=label if n == 0 else None)
   for stage in sorted({r["stage"] for r in rows})[1:]:
     first = min(r["depth"] for r in rows if r["stage"] == stage)
     ax.axvline(first - 0.5, color="k", lw=0.5, alpha=0.3)
   ax.set_ylim(0, 1)
   ax.set_xlabel("block depth (vertical lines: stage starts)")
-  ax.set_ylabel("identity share  mean_c gamma^2/(s^2+t^2+gamma^2)")
+  ax.set_ylabel("identity share: mean_c γ²/(s²+t²+γ²)")
   ax.set_title("Identity branch's variance share along depth")
   ax.legend(fontsize=8)
   dd = [r["depth"] for r in rows]

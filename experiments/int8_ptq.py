@@ -362,8 +362,13 @@ def verdicts(s: dict, bits) -> list:
   ratio = s["pooled_std_ratio"]
   pr = s["paper"]["kernel_std_ratio"]
   std = s["pooled_std"]
-  direction = ("RepVGG's deployed kernels are wider than RepOpt-VGG's, as in the paper" if ratio[0] > 1 else
-               "RepVGG's deployed kernels are *narrower* than RepOpt-VGG's: the paper's direction does not reproduce")
+  if ratio[1] == ratio[1] and ratio[1] <= 1 <= ratio[2]:
+    direction = ("the interval includes 1: the two pooled stds cannot be told apart, so the paper's much wider "
+                 "RepVGG kernels do not reproduce")
+  elif ratio[0] > 1:
+    direction = "RepVGG's deployed kernels are wider than RepOpt-VGG's, as in the paper"
+  else:
+    direction = "RepVGG's deployed kernels are *narrower* than RepOpt-VGG's: the paper's direction does not reproduce"
   far = "; the size of the paper's ratio does not reproduce" if 1 < ratio[0] < pr / 2 else ""
   out.append(f"**Kernel std** (pooled, deployed 3x3 kernels): RepOpt-VGG {common.fmt(std['repopt'][0])}, RepVGG "
              f"{common.fmt(std['repvgg'][0])}, ratio RepVGG/RepOpt-VGG {_num(ratio)} vs the paper's "
