@@ -33,7 +33,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):
@@ -143,9 +142,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   from repopt_jax import data, load_scales, save_scales  # pylint: disable=g-import-not-at-top
 
-  r = study.recipe(args.quick)
-  info = common.RunInfo.collect(["python", "experiments/ablation.py"] + list(sys.argv[1:] if argv is None else argv))
-  root = args.root or (tempfile.mkdtemp(prefix="repopt_ablation_") if args.quick else study.DEFAULT_ROOT)
+  r, info, root, temporary = study.begin("ablation.py", args, argv)
   log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
   channels = data.dataset_info(r.dataset).channels
   rows = [row for row in ROWS if row[0] in args.rows]
@@ -189,7 +186,7 @@ def main(argv=None) -> dict:
       done.append(seed)
       out = write_report(args, r, info, rows, done, table, results, pilot, hs, official is not None)
   finally:
-    if args.quick and args.root is None:
+    if temporary:
       shutil.rmtree(root, ignore_errors=True)
   print("\n\n".join(out["body"][1:4]))
   return out

@@ -23,7 +23,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -136,16 +135,13 @@ def summarize(rows: list) -> dict:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   from repopt_jax import data, load_scales  # pylint: disable=g-import-not-at-top
-  r = study.recipe(args.quick)
-  info = common.RunInfo.collect(["python", "experiments/hyper_search.py"]
-                                + list(sys.argv[1:] if argv is None else argv))
-  root = args.root or (tempfile.mkdtemp(prefix="repopt_hs_") if args.quick else study.DEFAULT_ROOT)
+  r, info, root, temporary = study.begin("hyper_search.py", args, argv)
   try:
     path = study.search_scales(root, r)
     run = study.search_info(root)
     searched, _ = load_scales(path)
   finally:
-    if args.quick and args.root is None:
+    if temporary:
       shutil.rmtree(root, ignore_errors=True)
   channels = data.dataset_info(r.dataset).channels
   official = None

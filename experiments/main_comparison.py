@@ -22,7 +22,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 if __package__ in (None, ""):
@@ -87,16 +86,13 @@ def plot(path: str, results: dict, diffs: list) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  r = study.recipe(args.quick)
-  info = common.RunInfo.collect(["python", "experiments/main_comparison.py"]
-                                + list(sys.argv[1:] if argv is None else argv))
-  root = args.root or (tempfile.mkdtemp(prefix="repopt_main_") if args.quick else study.DEFAULT_ROOT)
+  r, info, root, temporary = study.begin("main_comparison.py", args, argv)
   log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
   try:
     results, _ = study.main_runs(root, r, args.seeds, log=log)
     hs = study.search_info(root)
   finally:
-    if args.quick and args.root is None:
+    if temporary:
       shutil.rmtree(root, ignore_errors=True)
   diffs = [paired(results, a, b) for a, b in PAIRS]
   rows = []

@@ -19,6 +19,8 @@ import json
 import math
 import os
 import resource
+import sys
+import tempfile
 import time
 from typing import Dict, Optional, Sequence
 
@@ -69,6 +71,19 @@ LABELS = {"repopt": "RepOpt-VGG", "repvgg": "RepVGG", "vgg": "plain VGG"}
 
 def recipe(quick: bool) -> Recipe:
   return QUICK if quick else FULL
+
+
+def begin(script: str, args, argv):
+  """A study script's recipe, run info and runs root: `(recipe, info, root, temporary)`.
+
+  `--quick` without `--root` trains in a temporary root (`temporary` True: the caller removes it); otherwise the
+  root given, or `DEFAULT_ROOT`, which is never removed.
+  """
+  r = recipe(args.quick)
+  info = common.RunInfo.collect(["python", f"experiments/{script}"] + list(sys.argv[1:] if argv is None else argv))
+  temporary = bool(args.quick and args.root is None)
+  root = args.root or (tempfile.mkdtemp(prefix=f"repopt_{script.split('.')[0]}_") if temporary else DEFAULT_ROOT)
+  return r, info, root, temporary
 
 
 def compiler_options(r: Recipe):
