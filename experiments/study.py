@@ -151,6 +151,8 @@ def _train(root: str, name: str, config, r: Recipe, log=print) -> Dict[str, floa
   t0, c0 = time.perf_counter(), _cpu_seconds()
   trainer = Trainer(config, workdir, progress=False, tensorboard=False, compiler_options=compiler_options(r))
   m = trainer.fit()
+  if m.get("preempted"):  # stopped by a signal: its checkpoint is kept, and no result is recorded for it
+    raise SystemExit(f"{name}: stopped at step {m.get('step')} before the end; run the experiment again to resume it")
   wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
   epochs = float(m.get("epoch") or 0.0)
   ips = float(m.get("images_per_sec") or float("nan"))

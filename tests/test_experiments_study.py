@@ -123,3 +123,22 @@ def test_hyper_search_init_and_relative_change():
   assert init["stage3.2"].conv[0] == pytest.approx(1.0) and init["stage3.4"].pointwise[0] == pytest.approx(np.sqrt(0.5))
   assert init["stage0"].identity is False and init["stage3.4"].identity_init is not None
   assert hyper_search.relative_change([1.1, 0.9], [1.0, 1.0]) == pytest.approx(0.1)
+
+
+def test_a_stopped_run_records_no_result(tmp_path, monkeypatch):
+  """A run stopped by a signal keeps its checkpoint for the resume but must not pass for a finished one."""
+  import repopt_jax.train as train_mod
+
+  class Stopped:
+    def __init__(self, config, workdir, **kwargs):
+      os.makedirs(workdir, exist_ok=True)
+
+    def fit(self):
+      return {"preempted": True, "step": 7}
+
+  monkeypatch.setattr(train_mod, "Trainer", Stopped)
+  r = study.recipe(True)
+  cfg = study.run_config(r, mode="target", optim="sgd", seed=0, reinit=False)
+  with pytest.raises(SystemExit, match="main/vgg_s0: stopped at step 7"):
+    study.train(str(tmp_path), "main/vgg_s0", cfg, r)
+  assert not os.path.exists(tmp_path / "main" / "vgg_s0" / "result.json")
