@@ -73,19 +73,18 @@ def parse_args(argv=None):
 def variant_scales(kind: str, searched: dict, arch, in_channels: int) -> dict:
   """The constants of a row: searched ('hs'), all ones, the HS initialisation, or channel-averaged HS."""
   from repopt_jax import CSLAScales  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models import get_arch, hs_scale_init  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import get_arch  # pylint: disable=g-import-not-at-top
 
   if kind == "hs":
     return searched
+  if kind == "hs_init":
+    return study.hs_init_scales(arch, in_channels)
   out = {}
   for spec in get_arch(arch).block_specs(in_channels):
     c, ident = spec.out_channels, spec.has_identity
     if kind == "ones":
       out[spec.name] = CSLAScales(conv=np.ones(c), pointwise=np.ones(c), identity=ident,
                                   identity_init=np.ones(c) if ident else None)
-    elif kind == "hs_init":
-      v = np.full(c, hs_scale_init(spec.index))
-      out[spec.name] = CSLAScales(conv=v, pointwise=v, identity=ident, identity_init=np.ones(c) if ident else None)
     elif kind == "channel_avg":
       s = searched[spec.name]
       avg = lambda x: np.full(c, float(np.mean(x)))

@@ -41,18 +41,6 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def init_scales(arch: str, in_channels: int) -> dict:
-  """The Hyper-Search model's starting constants, as `CSLAScales` per block."""
-  from repopt_jax import CSLAScales  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models import get_arch, hs_scale_init  # pylint: disable=g-import-not-at-top
-  out = {}
-  for spec in get_arch(arch).block_specs(in_channels):
-    v = np.full(spec.out_channels, hs_scale_init(spec.index))
-    out[spec.name] = CSLAScales(conv=v, pointwise=v, identity=spec.has_identity,
-                                identity_init=np.ones(spec.out_channels) if spec.has_identity else None)
-  return out
-
-
 def relative_change(new, old) -> float:
   """Mean over channels of |new - old| / |old|."""
   new, old = np.asarray(new, np.float64), np.asarray(old, np.float64)
@@ -147,7 +135,7 @@ def main(argv=None) -> dict:
   official = None
   if r.arch == "B1_eighth" and os.path.exists(args.official):
     official = study.official_block_means(r.arch, channels, args.official)
-  rows = block_table(r.arch, channels, searched, init_scales(r.arch, channels), official)
+  rows = block_table(r.arch, channels, searched, study.hs_init_scales(r.arch, channels), official)
   moved = summarize(rows)
   patterns = {k: stage_pattern(rows, k) for k in ("share_init", "share") + (("share_official",) if official else ())}
   table = common.md_table(

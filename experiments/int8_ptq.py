@@ -33,7 +33,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -84,11 +83,6 @@ def parse_args(argv=None):
     p.error("--bits: each in [2, 16]")
   args.bits = sorted(set(args.bits), reverse=True)
   return args
-
-
-def _cpu_seconds() -> float:
-  u = resource.getrusage(resource.RUSAGE_SELF)
-  return u.ru_utime + u.ru_stime
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -550,14 +544,11 @@ def report(args, r, s: dict, per_seed: dict, models, bits, timing: dict, scales_
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  r = study.recipe(args.quick)
-  models = [m for m in MODELS if m in args.models]
-  info = common.RunInfo.collect(["python", "experiments/int8_ptq.py"] + list(sys.argv[1:] if argv is None else argv))
-  options = study.compiler_options(r)
   # Only a temporary root this script made itself is ever removed; a runs root given or the study's default is
   # only read (or, with --train, added to).
-  tmp_root = tempfile.mkdtemp(prefix="repopt_int8_") if args.quick and args.root is None else None
-  root = args.root or tmp_root or study.DEFAULT_ROOT
+  r, info, root, temporary = study.begin("int8_ptq.py", args, argv)
+  models = [m for m in MODELS if m in args.models]
+  options = study.compiler_options(r)
   try:
     trained = "runs reused"
     if args.quick or args.train:
@@ -565,7 +556,7 @@ def main(argv=None) -> dict:
       study.main_runs(root, r, args.seeds, models)
       trained = f"training/reuse {time.perf_counter() - t0:.0f} s"
     workdirs = check_runs(root, r, args.seeds, models)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), study.cpu_seconds()
     from repopt_jax import export  # pylint: disable=g-import-not-at-top
     config0 = workdirs[("repopt", args.seeds[0])][1]
     batches, labels = eval_batches(config0, r.eval_batch_size)
@@ -581,14 +572,14 @@ def main(argv=None) -> dict:
         if seed == args.seeds[0]:
           kernels0[m] = kernels
     scales = os.path.abspath(os.path.join(root, "hs", "scales.npz"))
-    scales_info = ("a quick Hyper-Search" if tmp_root else
+    scales_info = ("a quick Hyper-Search" if temporary else
                    f"`{os.path.relpath(scales, common.ROOT) if scales.startswith(common.ROOT + os.sep) else scales}`")
   finally:
-    if tmp_root:
-      shutil.rmtree(tmp_root, ignore_errors=True)
+    if temporary:
+      shutil.rmtree(root, ignore_errors=True)
   names = [n for n, *_ in schemes(args.bits)] + ([] if args.no_onnx else [ORT])
   summary = summarize(per_seed, args.seeds, models, names)
-  timing = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_seconds() - c0, "trained": trained}
+  timing = {"wall_s": time.perf_counter() - t0, "cpu_s": study.cpu_seconds() - c0, "trained": trained}
   os.makedirs(args.out, exist_ok=True)
   plot(os.path.join(args.out, "int8_ptq.png"), summary, per_seed, kernels0, models, args.bits)
   body = report(args, r, summary, per_seed, models, args.bits, timing, scales_info)

@@ -107,7 +107,8 @@ def run_config(r: Recipe, *, mode: str, optim: str, seed: int, scales: Optional[
   })
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process so far (every thread)."""
   u = resource.getrusage(resource.RUSAGE_SELF)
   return u.ru_utime + u.ru_stime
 
@@ -148,12 +149,12 @@ def _train(root: str, name: str, config, r: Recipe, log=print) -> Dict[str, floa
       saved = json.load(f)
     if saved.get("config") == want:
       return saved["result"]
-  t0, c0 = time.perf_counter(), _cpu_seconds()
+  t0, c0 = time.perf_counter(), cpu_seconds()
   trainer = Trainer(config, workdir, progress=False, tensorboard=False, compiler_options=compiler_options(r))
   m = trainer.fit()
   if m.get("preempted"):  # stopped by a signal: its checkpoint is kept, and no result is recorded for it
     raise SystemExit(f"{name}: stopped at step {m.get('step')} before the end; run the experiment again to resume it")
-  wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+  wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
   epochs = float(m.get("epoch") or 0.0)
   ips = float(m.get("images_per_sec") or float("nan"))
   result = {"top1": float(m["eval_top1"]), "loss": float(m["eval_loss"]), "step": int(m["step"]),
@@ -185,11 +186,11 @@ def _search_scales(root: str, r: Recipe, seed: int = 0, log=print) -> str:
     with open(marker) as f:
       if json.load(f).get("config") == want:
         return path
-  t0, c0 = time.perf_counter(), _cpu_seconds()
+  t0, c0 = time.perf_counter(), cpu_seconds()
   res = search(cfg, workdir, scales_path=path, plots=False, progress=False, tensorboard=False,
                compiler_options=compiler_options(r))
   info = {"top1": float(res.metrics.get("eval_top1", float("nan"))), "step": int(res.metrics.get("step", 0)),
-          "wall_s": time.perf_counter() - t0, "cpu_s": _cpu_seconds() - c0}
+          "wall_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0}
   with open(marker, "w") as f:
     json.dump({"config": want, "result": info}, f, indent=1)
   log(f"Hyper-Search: top-1 {100 * info['top1']:.2f}% after {info['step']} steps ({info['wall_s']:.0f} s)")
@@ -199,6 +200,18 @@ def _search_scales(root: str, r: Recipe, seed: int = 0, log=print) -> str:
 def search_info(root: str) -> dict:
   with open(os.path.join(root, "hs", "search.json")) as f:
     return json.load(f)["result"]
+
+
+def hs_init_scales(arch: str, in_channels: int) -> dict:
+  """The Hyper-Search model's starting constants as `CSLAScales` per block: `s = t = hs_scale_init(i)`, gamma 1."""
+  from repopt_jax import CSLAScales  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import get_arch, hs_scale_init  # pylint: disable=g-import-not-at-top
+  out = {}
+  for spec in get_arch(arch).block_specs(in_channels):
+    v = np.full(spec.out_channels, hs_scale_init(spec.index))
+    out[spec.name] = CSLAScales(conv=v, pointwise=v, identity=spec.has_identity,
+                                identity_init=np.ones(spec.out_channels) if spec.has_identity else None)
+  return out
 
 
 def official_block_means(arch: str, in_channels: int, path: str = OFFICIAL_B1) -> Optional[dict]:

@@ -119,7 +119,7 @@ def test_hyper_search_quick_moves_the_constants(quick_root, tmp_path):
 
 
 def test_hyper_search_init_and_relative_change():
-  init = hyper_search.init_scales("B1_eighth", 1)
+  init = study.hs_init_scales("B1_eighth", 1)
   assert init["stage3.2"].conv[0] == pytest.approx(1.0) and init["stage3.4"].pointwise[0] == pytest.approx(np.sqrt(0.5))
   assert init["stage0"].identity is False and init["stage3.4"].identity_init is not None
   assert hyper_search.relative_change([1.1, 0.9], [1.0, 1.0]) == pytest.approx(0.1)
