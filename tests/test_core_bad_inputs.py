@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,17 +45,27 @@ def test_good_scales_accepted(make_tx):
   assert set(updates) == {"stem", "block1"}
 
 
-def test_missing_key(make_tx):
+def test_missing_key_is_no_grad_mult(make_tx):
+  """A parameter without an entry is one without Grad Mult: the same updates as with `None` there."""
   s = good_scales()
   del s["block1"]["bn"]
-  with pytest.raises(ScalesError, match=re.escape("'block1/bn/scale'")):
-    make_tx(s).init(params())
+  p = params()
+  g = jax.tree.map(lambda x: jnp.full_like(x, 0.5), p)
+  tx, ref = make_tx(s), make_tx(good_scales())
+  got, _ = tx.update(g, tx.init(p), p)
+  want, _ = ref.update(g, ref.init(p), p)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_extra_key(make_tx):
   s = good_scales()
   s["block2"] = {"conv": {"kernel": None}}
   with pytest.raises(ScalesError, match=re.escape("'block2/conv/kernel' is not a parameter")):
+    make_tx(s).init(params())
+  s = good_scales()
+  s["block1"]["conv"]["kernal"] = s["block1"]["conv"].pop("kernel")
+  with pytest.raises(ScalesError, match=re.escape("'block1/conv/kernal' is not a parameter (nearest: "
+                                                  "'block1/conv/kernel')")):
     make_tx(s).init(params())
 
 
