@@ -197,6 +197,16 @@ class _Kernels:
 
 
 
+def _is_zero(x) -> bool:
+  """A coefficient that is statically off (None or a Python 0). Under `optax.inject_hyperparams` it is an
+  array, traced in `update`: it then keeps its transform (a zero array simply adds nothing)."""
+  return x is None or (isinstance(x, (int, float)) and x == 0)
+
+
+def _decay(weight_decay, mask) -> optax.GradientTransformation:
+  return optax.identity() if _is_zero(weight_decay) else optax.add_decayed_weights(weight_decay, mask)
+
+
 def repopt_masks(scales_tree: ScalesTree, power: int = 2) -> optax.GradientTransformation:
   """Multiplies each re-parameterized kernel's gradient by its Grad Mult (Rule of Iteration, eq. 13).
 
@@ -290,8 +300,8 @@ def repopt_sgd(learning_rate: optax.ScalarOrSchedule, scales_tree: ScalesTree, m
   """
   return optax.chain(
       repopt_masks(scales_tree, power=2),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask) if weight_decay else optax.identity(),
-      optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
+      _decay(weight_decay, weight_decay_mask),
+      optax.sgd(learning_rate, momentum=None if _is_zero(momentum) else momentum, nesterov=nesterov),
   )
 
 
@@ -390,7 +400,7 @@ def repopt_adamw(learning_rate: optax.ScalarOrSchedule, scales_tree: ScalesTree,
     >>> round(float(updates['conv'][0, 0, 0, 0]), 3), round(float(updates['conv'][1, 1, 0, 0]), 3)  # -|s|, -(|s|+|t|)
     (-2.0, -5.0)
   """
-  decay = optax.add_decayed_weights(weight_decay, weight_decay_mask) if weight_decay else optax.identity()
+  decay = _decay(weight_decay, weight_decay_mask)
   if exact:
     direction = scale_by_repopt_adam(scales_tree, b1=b1, b2=b2, eps=eps)
   else:
