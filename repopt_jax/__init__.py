@@ -17,6 +17,7 @@ _LAZY = {
     **dict.fromkeys(("flatten_scales", "repopt_adamw", "repopt_masks", "repopt_sgd", "scale_by_repopt_adam"),
                     "repopt_jax.optim"),
     "path_str": "repopt_jax.paths",
+    **dict.fromkeys(("NNXTrainState", "nnx_train_step"), "repopt_jax.nnx_step"),
     **dict.fromkeys(("CSLAConv", "csla_model", "hyper_search_model", "merge", "reinit", "scales_of", "scales_tree",
                      "weight_decay_mask"), "repopt_jax.csla"),
 }
@@ -42,5 +43,5 @@ __all__ = [
     "apply_grad_mult", "csla_bias", "csla_init", "exact_adam_direction", "grad_mult",
     "flatten_scales", "repopt_adamw", "repopt_masks", "repopt_sgd", "scale_by_repopt_adam",
     "path_str", "CSLAConv", "csla_model", "hyper_search_model", "merge", "reinit", "scales_of",
-    "scales_tree", "weight_decay_mask",
+    "scales_tree", "weight_decay_mask", "NNXTrainState", "nnx_train_step",
 ]

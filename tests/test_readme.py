@@ -36,7 +36,7 @@ def test_readme_python_snippets_run():
   blocks = _blocks("python")
   assert len(blocks) >= 3
   joined = "\n".join(blocks)
-  for name in ("nnx.Optimizer(model, tx, wrt=nnx.Param)", "repopt_masks(", "repopt_sgd(", "flax.linen",
+  for name in ("nnx_train_step(model, tx, loss_fn)", "repopt_masks(", "repopt_sgd(", "flax.linen",
                "reparam.scales_tree(", "reparam.reinit_target(", "csla_init("):
     assert name in joined, name
   # A child python with one CPU device whose programs compile without LLVM optimisation: the snippets run
