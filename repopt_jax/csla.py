@@ -32,7 +32,7 @@ by '/', e.g. `'trunk/0/kernel/kernel'` for a conv named `kernel` in a list, `'mi
 
 Example:
   >>> import optax, jax.numpy as jnp
-  >>> from repopt_jax import repopt_masks
+  >>> from repopt_jax import nnx_train_step, repopt_masks
   >>> from flax import nnx
   >>> class Net(nnx.Module):
   ...   def __init__(self, rngs):
@@ -48,7 +48,9 @@ Example:
   >>> model = Net(nnx.Rngs(2))
   >>> reinit(model, scales, rngs=nnx.Rngs(3))                      # Rule of Initialization
   >>> tx = optax.chain(repopt_masks(scales_tree(model, scales)), optax.sgd(0.1, momentum=0.9))
-  >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  >>> loss_fn = lambda m, x, y: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+  >>> train_step, state = nnx_train_step(model, tx, loss_fn)     # one jax.jit over the split state
+  >>> state, loss = train_step(state, jnp.ones((2, 8, 8, 3)), jnp.arange(2))
 """
 
 from __future__ import annotations
