@@ -503,3 +503,21 @@ def test_masked_out_subtree_takes_scales_inside_it():
   nowhere = {**flat_scales(), "neck/conv/kernel": flat_scales()["head/conv/kernel"]}
   with pytest.raises(ScalesError, match="'neck/conv/kernel' is not a parameter"):
     optax.masked(repopt_masks(nowhere), {"backbone": True, "head": False}).init(as_tree(params))
+
+
+def test_matching_runs_once_per_tree_structure(monkeypatch):
+  """Scales are matched to a tree structure once (at init), not at every update; a new structure is matched."""
+  from repopt_jax import optim  # pylint: disable=g-import-not-at-top
+  calls = []
+  match = optim._match_leaves  # pylint: disable=protected-access
+  monkeypatch.setattr(optim, "_match_leaves", lambda by_path, tree: calls.append(1) or match(by_path, tree))
+  params, grads = data("float32", steps=3)
+  tx = repopt_sgd(LR_SGD, scales_in("flat"))
+  p = as_tree(params)
+  state = tx.init(p)
+  for g in grads:
+    _, state = tx.update(as_tree(g), state, p)
+  assert len(calls) == 1
+  masked = optax.masked(tx, {"backbone": True, "head": False})  # MaskedNodes: another structure
+  masked.update(as_tree(grads[0]), masked.init(p), p)
+  assert len(calls) == 2
