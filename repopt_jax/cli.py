@@ -277,6 +277,34 @@ def _say(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+# The extras of pyproject.toml a command needs, and the packages that tell whether each is installed.
+_EXTRAS = {"train": ("training", ("tensorflow_datasets", "grain", "tensorboardX", "tqdm", "sklearn", "matplotlib")),
+           "deploy": ("deployment", ("onnx", "onnxruntime"))}
+
+
+def _missing_extras(args) -> Optional[str]:
+  """One line naming the extras `args.command` needs that this install lacks, or None.
+
+  `pip install repopt_jax` is the library alone; every command reads data and runs, hence needs [train];
+  ONNX export and `eval --onnx` need [deploy] too. Checked with `find_spec` (nothing is imported), before
+  the command's modules are, so a core install fails in one line instead of a traceback.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  onnx = (args.command == "export" and args.format == "onnx") or (args.command == "eval" and args.onnx)
+  missing, modules = [], []
+  for extra in ("train", "deploy") if onnx else ("train",):
+    absent = [m for m in _EXTRAS[extra][1] if importlib.util.find_spec(m) is None]
+    if absent:
+      missing.append(extra)
+      modules += absent
+  if not missing:
+    return None
+  command = "eval --onnx" if args.command == "eval" and args.onnx else args.command
+  names = " and ".join(_EXTRAS[e][0] for e in missing) + (" extras" if len(missing) > 1 else " extra")
+  return (f"error: {command!r} needs the {names}: pip install \"repopt_jax[{','.join(missing)}]\" "
+          f"({', '.join(modules)} not installed)")
+
+
 def _metrics_line(m: dict) -> str:
   parts = [f"step {m.get('step')}"]
   if "eval_top1" in m:
@@ -513,6 +541,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     return int(e.code or 0)
   if args.command is None:
     parser.print_help()
+    return 2
+  missing = _missing_extras(args)
+  if missing:
+    print(missing, file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.WARNING, format="%(message)s")
   logging.getLogger("repopt_jax").setLevel(logging.INFO)

@@ -55,7 +55,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -63,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from repopt_jax import rules
+from repopt_jax import block, rules
+from repopt_jax.block import IDENTITY_PARAM, depth_init  # noqa: F401  (public here too)
 from repopt_jax.paths import path_str
 from repopt_jax.scales import CSLAScales, ScalesError
 
@@ -72,7 +72,6 @@ __all__ = ["BranchScale", "CSLAConv", "HS_INITS", "default_select", "depth_init"
            "identity_allowed", "IDENTITY_PARAM"]
 
 HS_INITS = ("depth", "ones")
-IDENTITY_PARAM = "scale_identity"  # the name of gamma; `weight_decay_mask` decays it (the official rule)
 Init = Union[str, Callable[[str, nnx.Conv, int], Any]]
 
 
@@ -89,14 +88,6 @@ def _default_kernel_init():
   return nnx.initializers.lecun_normal()
 
 
-def _tuple(x, n: int) -> Tuple[int, ...]:
-  if x is None:
-    return (1,) * n
-  if isinstance(x, (int, np.integer)):
-    return (int(x),) * n
-  return tuple(int(v) for v in x)
-
-
 def _explicit_padding(conv: nnx.Conv):
   """The conv's padding as `[(lo, hi), ...]` per spatial dim, or the string when it depends on the input."""
   from flax.nnx.nn.linear import canonicalize_padding  # pylint: disable=g-import-not-at-top
@@ -108,20 +99,11 @@ def _where(path) -> str:
 
 
 def identity_allowed(conv: nnx.Conv) -> bool:
-  """Whether a conv's CSLA block can have an identity branch: `C_in == C_out`, stride 1, size kept.
-
-  'Size kept' means 'SAME' padding or explicit symmetric `d(K-1)/2` padding in every spatial dim.
+  """Whether an `nnx.Conv`'s CSLA block can have an identity branch: `C_in == C_out`, stride 1, size kept
+  ('SAME' padding or explicit symmetric `d(K-1)/2` padding in every spatial dim); `block.identity_allowed`.
   """
-  n = len(conv.kernel_size)
-  if conv.in_features != conv.out_features or any(s != 1 for s in _tuple(conv.strides, n)):
-    return False
-  if any(d != 1 for d in _tuple(conv.input_dilation, n)):
-    return False
-  pad = _explicit_padding(conv)
-  if isinstance(pad, str):
-    return pad == "SAME"
-  dil = _tuple(conv.kernel_dilation, n)
-  return all(tuple(p) == (d * (k - 1) // 2,) * 2 for p, k, d in zip(pad, conv.kernel_size, dil))
+  return block.identity_allowed(conv.in_features, conv.out_features, conv.kernel_size, conv.strides,
+                                _explicit_padding(conv), conv.kernel_dilation, conv.input_dilation)
 
 
 def default_select(path: str, conv) -> bool:
@@ -136,7 +118,7 @@ def default_select(path: str, conv) -> bool:
   kh, kw = conv.kernel_size
   if kh != kw or kh % 2 == 0 or kh <= 1:
     return False
-  if any(d != 1 for d in _tuple(conv.input_dilation, 2)) or getattr(conv, "mask", None) is not None:
+  if any(d != 1 for d in block.ntuple(conv.input_dilation, 2)) or getattr(conv, "mask", None) is not None:
     return False
   pad = _explicit_padding(conv)
   return not isinstance(pad, str) or pad in ("SAME", "VALID")
@@ -145,36 +127,7 @@ def default_select(path: str, conv) -> bool:
 def _check_supported(path: str, conv: nnx.Conv) -> None:
   if not isinstance(conv, nnx.Conv):
     raise ScalesError(f"{path}: a CSLA block needs an nnx.Conv there, found {type(conv).__name__}")
-  ks = tuple(conv.kernel_size)
-  if len(ks) != 2 or any(k % 2 == 0 for k in ks):
-    raise ScalesError(f"{path}: kernel {ks} has no centre tap (2-D kernels with odd sizes only)")
-  pad = _explicit_padding(conv)
-  if isinstance(pad, str) and pad not in ("SAME", "VALID"):
-    raise ScalesError(f"{path}: padding {pad!r} is not supported by a CSLA block (SAME, VALID or explicit)")
-  if any(d != 1 for d in _tuple(conv.input_dilation, 2)):
-    raise ScalesError(f"{path}: input dilation is not supported by a CSLA block")
-
-
-def centre_input(x, kernel_size, strides, padding, kernel_dilation=1):
-  """`x` cropped/padded so that a VALID 1x1 conv with `strides` reads, at every output position, the pixel
-  under the centre tap of the KxK conv (`kernel_size`, `padding` canonicalized: a string or `(lo, hi)`
-  pairs, `kernel_dilation`)."""
-  n = len(kernel_size)
-  spatial = x.shape[x.ndim - 1 - n: x.ndim - 1]
-  dil = _tuple(kernel_dilation, n)
-  pad = padding
-  if isinstance(pad, str):
-    window = [d * (k - 1) + 1 for k, d in zip(kernel_size, dil)]
-    pad = jax.lax.padtype_to_pads(spatial, window, _tuple(strides, n), pad)
-  # Output o of the KxK conv centres on input pixel o*stride - lo + d(K-1)/2: pad by lo - d(K-1)/2
-  # (negative: crop) so that o*stride is that pixel; the high side likewise keeps the output size.
-  cfg = [(0, 0, 0)] * (x.ndim - 1 - n)
-  cfg += [(int(lo) - d * (k - 1) // 2, int(hi) - d * (k - 1) // 2, 0)
-          for (lo, hi), k, d in zip(pad, kernel_size, dil)]
-  cfg += [(0, 0, 0)]
-  if all(c == (0, 0, 0) for c in cfg):
-    return x
-  return jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+  block.check_centre_tap(conv.kernel_size, _explicit_padding(conv), conv.input_dilation, path)
 
 
 class CSLAConv(nnx.Module):
@@ -251,7 +204,7 @@ class CSLAConv(nnx.Module):
   def _centre_input(self, x):
     """`x` cropped/padded so that a VALID 1x1 conv with the stride reads the KxK centre tap's pixels."""
     conv = self.conv
-    return centre_input(x, conv.kernel_size, conv.strides, _explicit_padding(conv), conv.kernel_dilation)
+    return block.centre_input(x, conv.kernel_size, conv.strides, _explicit_padding(conv), conv.kernel_dilation)
 
   def __call__(self, x):
     y = self.conv(x)
@@ -331,12 +284,6 @@ def _replace(root, path: tuple, new) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- inits
-def depth_init(index: int) -> float:
-  """The official Hyper-Search initial `s`, `t`: 1.0 for the first conv of a run, `sqrt(2/i)` for the i-th
-  following one (i = 1, 2, ...)."""
-  return 1.0 if index == 0 else math.sqrt(2.0 / index)
-
-
 def run_indices(convs: Sequence[nnx.Conv]) -> List[int]:
   """Each conv's position in its *run*, the unit of the `'depth'` init.
 
@@ -469,28 +416,13 @@ def csla_model(model: nnx.Module, scales: Mapping[str, CSLAScales], *, rngs: nnx
   return new
 
 
-@jax.jit
-def _merge_arrays(kernel, k1, s, t, gamma, bias=None, b1=None):
-  """The Rule of Initialization on one block's arrays (None for absent pieces), traced once per shape."""
-  sc = CSLAScales(conv=s, pointwise=t, identity=gamma is not None)
-  merged = rules.csla_init(sc, kernel, k1, identity_scale=gamma).astype(kernel.dtype)
-  mb = None if bias is None else rules.csla_bias(sc, bias, b1).astype(bias.dtype)
-  return merged, mb
-
-
-def merge_arrays(kernel, pointwise_kernel, conv_scale, pointwise_scale, gamma):
-  """The merged kernel `s W_k + t pad(W_1) + diag(gamma)` of one block's arrays (the one merge every model
-  uses; `pointwise_*` / `gamma` None when absent). Compiled once per shape."""
-  return _merge_arrays(kernel, pointwise_kernel, conv_scale, pointwise_scale, gamma)[0]
-
-
 def merge(model: nnx.Module) -> nnx.Module:
   """The plain model equal to a Hyper-Search or CSLA model: each `CSLAConv` back to its KxK `nnx.Conv`.
 
   .. math::
     W = s \\odot W_k + t \\odot \\mathrm{pad}(W_1) + \\mathrm{diag}(\\gamma), \\qquad b = s \\odot b_k + t \\odot b_1
 
-  (`rules.csla_init`, `rules.csla_bias`), in the parameters' dtype. Everything else is copied. Applied to a
+  (`block.merge_arrays`), in the parameters' dtype. Everything else is copied. Applied to a
   freshly built `csla_model` this is the Rule of Initialization with its own branch kernels; applied to a
   trained one, the deployed network.
 
@@ -505,7 +437,7 @@ def merge(model: nnx.Module) -> nnx.Module:
     conv = blk.conv
     pw = blk.conv_1x1
     v = lambda x: None if x is None else x[...]
-    kernel, bias = _merge_arrays(
+    kernel, bias = block.merge_arrays(
         conv.kernel[...], None if pw is None else pw.kernel[...], blk.scale_conv[...],
         v(blk.scale_1x1), blk.scale_identity[...] if blk.has_identity else None,
         v(conv.bias) if conv.use_bias else None,
@@ -526,8 +458,7 @@ def scales_of(model) -> Dict[str, CSLAScales]:
   of `repopt_jax.linen.CSLAConv` layers (Hyper-Search mode) is read too.
   """
   if not isinstance(model, nnx.Module):
-    from repopt_jax import linen as linen_lib  # pylint: disable=g-import-not-at-top
-    return linen_lib.scales_of_params(model)
+    return block.scales_of_params(model)
   return {name: blk.scales() for name, _, blk in _csla_blocks(model)}
 
 
@@ -542,7 +473,7 @@ def _params_of(model_or_params):
 
 def scales_tree(model_or_params, scales: Mapping[str, CSLAScales]):
   """The scales tree for `repopt_masks` / `repopt_sgd` / `repopt_adamw`: `CSLAScales` on each kernel named
-  in `scales` (and on its conv's bias, see `rules.grad_mult`), None on every other parameter.
+  in `scales` (and on its conv's bias), None on every other parameter (`block.scales_tree` on the params).
 
   Args:
     model_or_params: a plain NNX model (its `nnx.Param`s; the convs are checked too: identity branches only
@@ -560,50 +491,22 @@ def scales_tree(model_or_params, scales: Mapping[str, CSLAScales]):
     raise ScalesError(f"scales_tree: scales must be a dict {{kernel_path: CSLAScales}}, got {type(scales).__name__}")
   if isinstance(model_or_params, nnx.Module):
     _convs_for(model_or_params, scales, "scales_tree")
-  params = _params_of(model_or_params)
-  shapes = {path_str(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for name, s in scales.items():
-    if name not in shapes:
-      raise ScalesError(f"scales_tree: scales[{name!r}] names no parameter of the model")
-    if not isinstance(s, CSLAScales):
-      raise ScalesError(f"scales_tree: scales[{name!r}] is a {type(s).__name__}, not CSLAScales")
-    rules.check_kernel(s, shapes[name], name)
-  biases = {}
-  for name, s in scales.items():
-    bias = name[: -len("kernel")] + "bias" if name.endswith("kernel") else None
-    if bias in shapes:
-      rules.check_kernel(s, shapes[bias], bias)
-      biases[bias] = s
-
-  def leaf(path, _):
-    name = path_str(path)
-    return scales.get(name, biases.get(name))
-
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  return block.scales_tree(_params_of(model_or_params), scales)
 
 
 def weight_decay_mask(model_or_params):
-  """Which parameters decay (the official code's rule): `True` for every parameter with more than one
-  dimension (conv and dense kernels, 1x1 branch kernels) and for the identity weights `gamma`
-  (`scale_identity`); `False` for 1-D parameters: BatchNorm scales and biases, conv and dense biases,
-  Hyper-Search's trainable `s`, `t`.
-
-  This is exact for RepOptimizer: decaying every branch of a CSLA block (the identity weights included)
-  decays their sum, the merged kernel.
+  """Which parameters decay, by the official rule (`block.weight_decay_mask`): kernels and the identity
+  weights `gamma` do; BatchNorm, biases and Hyper-Search's trainable `s`, `t` (1-D) do not. Exact for
+  RepOptimizer: decaying every branch of a CSLA block decays their sum, the merged kernel.
 
   Args:
-    model_or_params: an NNX model, an `nnx.State` or a Linen params dict.
+    model_or_params: an NNX model (its `nnx.Param`s), an `nnx.State` or a Linen params dict.
 
   Returns:
     A tree of bools shaped like the params, for `optax.add_decayed_weights(wd, mask)` or
     `repopt_sgd(..., weight_decay_mask=mask)`.
   """
-  params = _params_of(model_or_params)
-
-  def leaf(path, x):
-    return bool(len(np.shape(x)) > 1 or path_str(path).split("/")[-1] == IDENTITY_PARAM)
-
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  return block.weight_decay_mask(_params_of(model_or_params))
 
 
 # ---------------------------------------------------------------------------------------------- init
@@ -638,10 +541,10 @@ def reinit(model: nnx.Module, scales: Mapping[str, CSLAScales], *, rngs: nnx.Rng
     if s.identity:
       gamma = jnp.ones(shape[-1], dtype) if identity == "ones" or s.identity_init is None else jnp.asarray(
           s.identity_init, dtype)
-    kernel, bias = _merge_arrays(wk, w1, jnp.asarray(s.conv, dtype),
-                                 None if s.pointwise is None else jnp.asarray(s.pointwise, dtype), gamma,
-                                 jnp.zeros_like(conv.bias[...]) if conv.use_bias else None,
-                                 jnp.zeros_like(conv.bias[...]) if conv.use_bias and w1 is not None else None)
+    kernel, bias = block.merge_arrays(wk, w1, jnp.asarray(s.conv, dtype),
+                                      None if s.pointwise is None else jnp.asarray(s.pointwise, dtype), gamma,
+                                      jnp.zeros_like(conv.bias[...]) if conv.use_bias else None,
+                                      jnp.zeros_like(conv.bias[...]) if conv.use_bias and w1 is not None else None)
     conv.kernel[...] = kernel
     if bias is not None:
       conv.bias[...] = bias

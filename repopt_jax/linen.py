@@ -11,7 +11,11 @@ plain model (`nn.Conv` named `c`) has `c/kernel`: the key of the block in `scale
     hs = Net(conv=functools.partial(CSLAConv, mode='hs'))     # Hyper-Search, then:
     scales = scales_of(hs_params)                             # {'Conv_1/kernel': CSLAScales, ...}
     params = csla_init_params(plain_params, scales, key)      # Rule of Initialization
-    tx = optax.chain(repopt_masks(csla.scales_tree(params, scales)), optax.sgd(0.1, momentum=0.9))
+    tx = optax.chain(repopt_masks(scales_tree(params, scales)), optax.sgd(0.1, momentum=0.9))
+
+`scales_of`, `scales_tree` and `weight_decay_mask` are `repopt_jax.block`'s (the params-dict side every front
+end shares; `repopt_jax.csla`'s accept these dicts too). This module builds on `repopt_jax.block` alone and
+does not need NNX.
 """
 
 from __future__ import annotations
@@ -23,23 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from repopt_jax import csla, rules
+from repopt_jax import block, rules
+from repopt_jax.block import depth_init, scales_of_params, scales_tree, weight_decay_mask  # noqa: F401  (public)
 from repopt_jax.paths import path_str
 from repopt_jax.scales import CSLAScales, ScalesError
 
-__all__ = ["CSLAConv", "scales_of_params", "csla_init_params", "merge_params"]
+__all__ = ["CSLAConv", "scales_of", "scales_of_params", "scales_tree", "weight_decay_mask", "depth_init",
+           "csla_init_params", "merge_params"]
+
+scales_of = scales_of_params
 
 PaddingLike = Union[str, int, Sequence[Union[int, Sequence[int]]]]
-
-
-def _identity_allowed(features, cin, strides, padding, kernel_size, dilation) -> bool:
-  n = len(kernel_size)
-  if features != cin or any(s != 1 for s in csla._tuple(strides, n)):  # pylint: disable=protected-access
-    return False
-  if isinstance(padding, str):
-    return padding == "SAME"
-  dil = csla._tuple(dilation, n)  # pylint: disable=protected-access
-  return all(tuple(p) == (d * (k - 1) // 2,) * 2 for p, k, d in zip(padding, kernel_size, dil))
 
 
 class CSLAConv(nn.Module):
@@ -53,7 +51,7 @@ class CSLAConv(nn.Module):
       draws the 1x1 kernel; branch biases start at `bias_init`, the 1x1 branch's at zero.
     mode: 'hs' (`s`, `t`, `gamma` trainable params) or 'csla' (`s`, `t` the constants of `scales`).
     scales: the block's `CSLAScales` (mode 'csla'; its `identity_init` starts `gamma`).
-    init_scale: initial `s` = `t` in mode 'hs' (e.g. `csla.depth_init(i)`).
+    init_scale: initial `s` = `t` in mode 'hs' (e.g. `depth_init(i)`).
     identity: mode 'hs': give the block an identity branch when it can have one (C_in == C_out, stride 1,
       size-keeping padding).
   """
@@ -77,8 +75,8 @@ class CSLAConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     ks = tuple(self.kernel_size)
-    if len(ks) != 2 or any(k % 2 == 0 for k in ks):
-      raise ScalesError(f"{self.name}: CSLAConv needs a 2-D kernel with odd sizes, got {ks}")
+    pad = nn.linear.canonicalize_padding(self.padding, len(ks))
+    block.check_centre_tap(ks, pad, where=self.name or "CSLAConv")
     if self.mode not in ("hs", "csla"):
       raise ScalesError(f"{self.name}: unknown mode {self.mode!r}; valid: hs, csla")
     if self.mode == "csla" and not isinstance(self.scales, CSLAScales):
@@ -86,64 +84,34 @@ class CSLAConv(nn.Module):
     common = dict(strides=self.strides, feature_group_count=self.feature_group_count, use_bias=self.use_bias,
                   dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision,
                   kernel_init=self.kernel_init)
-    pad = nn.linear.canonicalize_padding(self.padding, len(ks))
     y = nn.Conv(self.features, ks, padding=self.padding, kernel_dilation=self.kernel_dilation,
-                bias_init=self.bias_init, name="conv", **common)(x)
+                bias_init=self.bias_init, name=block.CONV, **common)(x)
     dtype = y.dtype
     f = self.features
     if self.mode == "hs":
-      s = self.param("scale_conv", nn.initializers.constant(self.init_scale), (f,), self.param_dtype)
-      t = self.param("scale_1x1", nn.initializers.constant(self.init_scale), (f,), self.param_dtype)
-      has_id = self.identity and _identity_allowed(f, x.shape[-1], self.strides, pad, ks, self.kernel_dilation)
+      s = self.param(block.CONV_SCALE, nn.initializers.constant(self.init_scale), (f,), self.param_dtype)
+      t = self.param(block.POINTWISE_SCALE, nn.initializers.constant(self.init_scale), (f,), self.param_dtype)
+      has_id = self.identity and block.identity_allowed(x.shape[-1], f, ks, self.strides, pad, self.kernel_dilation)
       gamma0 = None
     else:
       sc = self.scales
       rules.check_kernel(sc, ks + (x.shape[-1] // self.feature_group_count, f), self.name or "CSLAConv")
       s, t = jnp.asarray(sc.conv), None if sc.pointwise is None else jnp.asarray(sc.pointwise)
       has_id = sc.identity
-      if has_id and not _identity_allowed(f, x.shape[-1], self.strides, pad, ks, self.kernel_dilation):
+      if has_id and not block.identity_allowed(x.shape[-1], f, ks, self.strides, pad, self.kernel_dilation):
         raise ScalesError(f"{self.name}: the scales have an identity branch but this conv cannot")
       gamma0 = sc.identity_init
     y = y * s.astype(dtype)
     if t is not None:
-      xc = csla.centre_input(x, ks, self.strides, pad, self.kernel_dilation)
-      y = y + nn.Conv(f, (1, 1), padding="VALID", bias_init=nn.initializers.zeros_init(), name="conv_1x1",
+      xc = block.centre_input(x, ks, self.strides, pad, self.kernel_dilation)
+      y = y + nn.Conv(f, (1, 1), padding="VALID", bias_init=nn.initializers.zeros_init(), name=block.POINTWISE,
                       **common)(xc) * t.astype(dtype)
     if has_id:
       init = (nn.initializers.ones_init() if gamma0 is None
               else (lambda key, shape, dt: jnp.asarray(gamma0, dt)))
-      gamma = self.param(csla.IDENTITY_PARAM, init, (f,), self.param_dtype)
+      gamma = self.param(block.IDENTITY_PARAM, init, (f,), self.param_dtype)
       y = y + x.astype(dtype) * gamma.astype(dtype)
     return y
-
-
-def _is_block(d) -> bool:
-  return isinstance(d, Mapping) and "conv" in d and "scale_conv" in d
-
-
-def _walk(tree, prefix=()):
-  if _is_block(tree):
-    yield prefix, tree
-    return
-  if isinstance(tree, Mapping):
-    for k in tree:
-      yield from _walk(tree[k], prefix + (k,))
-
-
-def scales_of_params(params) -> dict:
-  """`{kernel path: CSLAScales}` of the Hyper-Search `CSLAConv`s in a Linen params dict (`variables['params']`),
-  keyed by the plain model's kernel paths (`'<block path>/kernel'`)."""
-  params = params.get("params", params) if isinstance(params, Mapping) and set(params) == {"params"} else params
-  host = lambda v: np.asarray(jax.device_get(v))
-  out = {}
-  for prefix, d in _walk(params):
-    out[path_str(prefix + ("kernel",))] = CSLAScales(
-        conv=host(d["scale_conv"]), pointwise=host(d["scale_1x1"]) if "scale_1x1" in d else None,
-        identity=csla.IDENTITY_PARAM in d,
-        identity_init=host(d[csla.IDENTITY_PARAM]) if csla.IDENTITY_PARAM in d else None)
-  if not out:
-    raise ScalesError("scales_of: no Hyper-Search CSLAConv in these params (blocks with conv and scale_conv)")
-  return out
 
 
 def _get_path(tree, name: str):
@@ -177,7 +145,7 @@ def csla_init_params(params, scales: Mapping[str, CSLAScales], key: jax.Array, *
   zero, as in `repopt_jax.csla.reinit`).
   """
   kernel_init = kernel_init or nn.linear.default_kernel_init
-  csla.scales_tree(params, scales)  # ScalesError naming the path of a mismatch
+  scales_tree(params, scales)  # ScalesError naming the path of a mismatch
   out = _copy(params)
   for j, (name, s) in enumerate(scales.items()):
     w = jnp.asarray(_get_path(params, name))
@@ -188,14 +156,16 @@ def csla_init_params(params, scales: Mapping[str, CSLAScales], key: jax.Array, *
     if s.identity:
       gamma = jnp.ones(w.shape[-1], w.dtype) if identity == "ones" or s.identity_init is None else jnp.asarray(
           s.identity_init, w.dtype)
-    _set_path(out, name, csla.merge_arrays(wk, w1, jnp.asarray(s.conv, w.dtype),
-                                           None if s.pointwise is None else jnp.asarray(s.pointwise, w.dtype), gamma))
-    bias = name[: -len("kernel")] + "bias"
+    kernel, _ = block.merge_arrays(wk, w1, jnp.asarray(s.conv, w.dtype),
+                                   None if s.pointwise is None else jnp.asarray(s.pointwise, w.dtype), gamma)
+    _set_path(out, name, kernel)
+    bias = block.bias_path(name)
     try:
-      b = jnp.asarray(_get_path(params, bias))
-    except ScalesError:
+      b = jnp.asarray(_get_path(params, bias)) if bias else None
+    except ScalesError:  # no bias beside this kernel
       continue
-    _set_path(out, bias, jnp.zeros_like(b))
+    if b is not None:
+      _set_path(out, bias, jnp.zeros_like(b))
   return out
 
 
@@ -212,18 +182,17 @@ def merge_params(params, scales: Optional[Mapping[str, CSLAScales]] = None):
   def visit(tree, prefix):
     for k, v in list(tree.items()):
       p = prefix + (k,)
-      is_block = isinstance(v, Mapping) and "conv" in v and "conv_1x1" in v and (
-          "scale_conv" in v or (scales and path_str(p + ("kernel",)) in scales))
+      is_block = isinstance(v, Mapping) and block.CONV in v and block.POINTWISE in v and (
+          block.CONV_SCALE in v or (scales and path_str(p + ("kernel",)) in scales))
       if is_block:
         name = path_str(p + ("kernel",))
-        if "scale_conv" in v:
-          s, t = v["scale_conv"], v.get("scale_1x1")
+        if block.CONV_SCALE in v:
+          s, t = v[block.CONV_SCALE], v.get(block.POINTWISE_SCALE)
         else:
           s, t = jnp.asarray(scales[name].conv), jnp.asarray(scales[name].pointwise)
-        gamma = v.get(csla.IDENTITY_PARAM)
-        kernel, bias = csla._merge_arrays(  # pylint: disable=protected-access
-            v["conv"]["kernel"], v["conv_1x1"]["kernel"], s, t, gamma, v["conv"].get("bias"),
-            v["conv_1x1"].get("bias"))
+        gamma = v.get(block.IDENTITY_PARAM)
+        kernel, bias = block.merge_arrays(v[block.CONV]["kernel"], v[block.POINTWISE]["kernel"], s, t, gamma,
+                                          v[block.CONV].get("bias"), v[block.POINTWISE].get("bias"))
         tree[k] = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
       elif isinstance(v, dict):
         visit(v, p)

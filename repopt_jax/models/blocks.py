@@ -34,6 +34,8 @@ import numpy as np
 from flax import nnx
 
 from repopt_jax import ops
+# One constant-scale Variable type for every model: RepOpt-VGG's csla blocks and `repopt_jax.csla`'s surgery.
+from repopt_jax.csla import BranchScale
 
 
 def conv_kernel_init(key, shape, dtype=jnp.float32):
@@ -51,10 +53,6 @@ def conv_kernel_init(key, shape, dtype=jnp.float32):
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
-
-
-# One constant-scale Variable type for every model: RepOpt-VGG's csla blocks and `repopt_jax.csla`'s surgery.
-from repopt_jax.csla import BranchScale  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def torch_linear_bias_init(fan_in: int):

@@ -28,7 +28,7 @@ from flax import nnx
 
 from repopt_jax.models import blocks as blocks_lib
 from repopt_jax.models.vgg import ARCHS, ModelError, RepOptVGG, VGGConfig, check_scales_for, get_arch
-from repopt_jax import csla
+from repopt_jax import block, csla
 from repopt_jax.rules import check_kernel
 from repopt_jax.scales import CSLAScales, ScalesError
 
@@ -173,7 +173,7 @@ def weight_decay_mask(model: RepOptVGG):
 
 def _merged_kernels(model: RepOptVGG, scales, branches, gammas, fn: str) -> list:
   """The Rule of Initialization for every block: `[csla_init(scales[b], k3_b, k1_b, gamma_b) for b in blocks]`,
-  through the one merge of `repopt_jax.csla`. `branches[b] = (k3, k1)`; `gammas[b]` is gamma(0) (ignored
+  through the one merge of every model (`repopt_jax.block.merge_arrays`). `branches[b] = (k3, k1)`; `gammas[b]` is gamma(0) (ignored
   without identity; None means ones)."""
   out = []
   for spec in model.block_specs:
@@ -186,8 +186,8 @@ def _merged_kernels(model: RepOptVGG, scales, branches, gammas, fn: str) -> list
     dtype = jnp.asarray(k3).dtype
     gamma = gammas.get(spec.name)
     gamma = jnp.asarray(np.ones(spec.out_channels) if gamma is None else gamma, dtype) if s.identity else None
-    out.append(csla.merge_arrays(jnp.asarray(k3), jnp.asarray(k1, dtype), jnp.asarray(s.conv, dtype),
-                                 jnp.asarray(s.pointwise, dtype), gamma))
+    out.append(block.merge_arrays(jnp.asarray(k3), jnp.asarray(k1, dtype), jnp.asarray(s.conv, dtype),
+                                  jnp.asarray(s.pointwise, dtype), gamma)[0])
   return out
 
 
