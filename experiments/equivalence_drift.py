@@ -23,7 +23,7 @@ Reproducible numbers: float32 (and float64) sums are split differently by XLA's 
 convolution formulation (`repopt_jax.ops`: XLA's convolution or im2col + dot), and with training amplifying
 rounding, either changes every float32 number after a few dozen steps. Both are pinned and recorded in the
 report: `--cpu_threads 1` (the process is pinned to one core before JAX starts; 0 leaves it as is) and
-`--conv lax` (XLA's own convolution, whatever `REPOPT_JAX_CONV` says). The same command on the same machine
+`--conv lax` (XLA's own convolution: `model.conv_impl` of every model built here). The same command on the same machine
 type and software then gives the same numbers, digit for digit (tests/test_experiments_gpu_bench.py runs
 `--tiny` twice in fresh processes and compares every number).
 
@@ -78,8 +78,8 @@ def parse_args(argv=None):
   p.add_argument("--pairs", nargs="+", choices=[k for k, *_ in PAIRS], default=[k for k, *_ in PAIRS],
                  help="the pairs to train (default: all; float64 runs those of them in %s)" % ", ".join(F64_PAIRS))
   p.add_argument("--conv", choices=("lax", "auto", "im2col"), default="lax",
-                 help="convolution formulation (repopt_jax.ops.conv_mode), pinned for reproducible rounding; "
-                      "overrides REPOPT_JAX_CONV (default: lax, XLA's own convolution)")
+                 help="convolution formulation of every model (model.conv_impl, repopt_jax.ops), pinned for "
+                      "reproducible rounding (default: lax, XLA's own convolution)")
   p.add_argument("--cpu_threads", type=int, default=1,
                  help="pin the process to this many CPU cores before JAX starts, which fixes XLA's CPU thread "
                       "count and so how its sums are split (default 1; 0: leave the process as it is)")
@@ -140,7 +140,7 @@ def config_for(args, mode: str, optim: str, exact: bool = True):
 
   sgd = optim in ("sgd", "repopt_sgd")
   return load_config({
-      "model": {"arch": args.arch, "mode": mode},
+      "model": {"arch": args.arch, "mode": mode, "conv_impl": args.conv},
       "data": {"dataset": args.dataset, "image_size": args.image_size},
       "optim": {"name": optim, "lr": args.sgd_lr if sgd else args.adamw_lr, "schedule": "constant",
                 "weight_decay": args.sgd_weight_decay if sgd else args.adamw_weight_decay, "exact": exact},
@@ -175,7 +175,7 @@ def _models(args, scales, spec, dtype: str):
     csla = train.build_model(config_for(args, "csla", "sgd"), scales, **kw)
   else:  # the trainer builds float32 params only; float64 is for this check
     make = lambda: RepOptVGG(args.arch, "csla", scales=scales, dtype=jnp.float64, param_dtype=jnp.float64,
-                             rngs=nnx.Rngs(args.seed), **kw)
+                             conv_impl=args.conv, rngs=nnx.Rngs(args.seed), **kw)
     values = jax.jit(lambda: nnx.as_pure(nnx.state(make())), compiler_options=common.FAST_COMPILE)()
     csla = nnx.merge(nnx.graphdef(nnx.eval_shape(make)), values)
     csla.train()
@@ -296,19 +296,18 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   pinned = pin_cpu_threads(args.cpu_threads)  # before anything starts JAX's backends
   import jax  # pylint: disable=g-import-not-at-top
-  from repopt_jax import data, ops, train  # pylint: disable=g-import-not-at-top
+  from repopt_jax import data, train  # pylint: disable=g-import-not-at-top
 
   info = common.RunInfo.collect(["python", "experiments/equivalence_drift.py"] + list(
       sys.argv[1:] if argv is None else argv))
   spec = data.dataset_info(args.dataset, args.data_dir)
   mesh = train.make_mesh(jax.devices()[:1])
-  with ops.conv_mode(args.conv):  # read when the steps are traced, i.e. inside the runs
-    results = {kind: run_scale_set(args, kind, spec, mesh) for kind in args.scale_sets}
+  results = {kind: run_scale_set(args, kind, spec, mesh) for kind in args.scale_sets}
   threads = (f"pinned to {pinned['cpu_threads']} core(s) before JAX started (`--cpu_threads "
              f"{pinned['cpu_threads']}`), so XLA's CPU thread pool has that size" if pinned["cpu_threads"]
              else f"not pinned (`--cpu_threads 0`): {pinned['cores_allowed']} cores allowed")
   conditions = (f"Pinned for reproducibility: the process {threads}; the convolution formulation is "
-                f"`{args.conv}` (`--conv`, `repopt_jax.ops.conv_mode`; `REPOPT_JAX_CONV` is ignored); the batches, "
+                f"`{args.conv}` (`--conv`: `model.conv_impl` of every model, `repopt_jax.ops`); the batches, "
                 f"probe images, constants and initial parameters come from seed {args.seed}. Both change how "
                 "sums are rounded, and training amplifies any rounding difference, so another thread count or "
                 "formulation gives other numbers (in float32 entirely other ones after a few dozen steps). "

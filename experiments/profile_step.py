@@ -1,6 +1,6 @@
 """Where a train step's time goes on CPU: a `jax.profiler` trace of the trainer's `TrainStep`, per XLA op.
 
-For each conv formulation (`repopt_jax.ops.conv_mode`: 'lax' = XLA's own convolution everywhere, 'auto' =
+For each conv formulation (`model.conv_impl`, `repopt_jax.ops`: 'lax' = XLA's own convolution everywhere, 'auto' =
 im2col + dot for small outputs), builds the target model with RepOpt-SGD (as experiments/bench_train_step.py),
 traces a few steps with `jax.profiler.trace(create_perfetto_trace=True)`, and sums the time of each XLA
 operation (fusion, convolution, dot, copy) over the traced steps. Each op is matched to its instruction in the
@@ -195,7 +195,7 @@ def main(argv=None):
   p.add_argument("--num_classes", type=int, default=1000)
   p.add_argument("--steps", type=int, default=3, help="traced steps per mode")
   p.add_argument("--timed_steps", type=int, default=10, help="interleaved timed steps per mode")
-  p.add_argument("--modes", nargs="+", default=["lax", "auto"], choices=ops.CONV_MODES)
+  p.add_argument("--modes", nargs="+", default=["lax", "auto"], choices=ops.CONV_IMPLS)
   p.add_argument("--model", default="repopt", choices=("repopt", "repvgg"),
                  help="repopt: target model + RepOpt-SGD; repvgg: RepVGG training-time model + SGD")
   p.add_argument("--top", type=int, default=25)

@@ -72,9 +72,9 @@ def parse_args(argv=None):
                       "'{\"xla_gpu_autotune_level\": 0}': memory needs no conv autotuning)")
   p.add_argument("--no_inference", action="store_true", help="skip the inference comparison")
   p.add_argument("--infer_steps", type=int, default=None, help="timed inference batches (default: timed steps)")
-  p.add_argument("--conv", choices=("auto", "lax", "im2col"), default=os.environ.get("REPOPT_JAX_CONV", "auto"),
-                 help="convolution formulation (repopt_jax.ops.conv_mode; default: $REPOPT_JAX_CONV, else 'auto', "
-                      "what the trainer uses): 'auto' computes convolutions with small outputs as im2col + dot on "
+  p.add_argument("--conv", choices=("auto", "lax", "im2col"), default="auto",
+                 help="convolution formulation of the models (model.conv_impl, repopt_jax.ops; default 'auto', "
+                      "the trainer's default): 'auto' computes convolutions with small outputs as im2col + dot on "
                       "CPU, which changes their speed and memory")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=common.RESULTS)
@@ -107,10 +107,10 @@ def parse_entry(text: str):
     raise SystemExit(f"--archs entry {text!r} is not ARCH:IMAGE_SIZE:BATCH:TIMED_STEPS") from None
 
 
-def config_for(arch, mode, optim, batch, image_size, num_classes, compute_dtype, seed):
+def config_for(arch, mode, optim, batch, image_size, num_classes, compute_dtype, seed, conv_impl="auto"):
   from repopt_jax.config import load_config  # pylint: disable=g-import-not-at-top
   return load_config({
-      "model": {"arch": arch, "mode": mode, "num_classes": num_classes},
+      "model": {"arch": arch, "mode": mode, "num_classes": num_classes, "conv_impl": conv_impl},
       # The benchmark feeds random images; the dataset names what they stand in for.
       "data": {"dataset": "imagenet2012" if num_classes == 1000 else "cifar10", "image_size": image_size},
       "optim": {"name": optim, "lr": 0.1, "weight_decay": 4e-5, "schedule": "constant"},
@@ -249,7 +249,7 @@ def bench_arch(args, arch: str, image_size: int, batch: int, steps: int, mesh, l
 
   num_classes = 10 if arch in ("tiny", "cifar_tiny") else 1000
   cfg = lambda mode, optim, b=batch: config_for(arch, mode, optim, b, image_size, num_classes, args.compute_dtype,
-                                               args.seed)
+                                               args.seed, conv_impl=args.conv)
   # The HS initialisation as constants: speed and memory do not depend on their values.
   scales = reparam.scales_from_hs(train.build_model(cfg("hs", "sgd")))
   host_batch = random_batch(batch, image_size, 3, num_classes, args.seed)
@@ -459,13 +459,11 @@ def main(argv=None) -> list:
   log = lambda msg: print(msg, flush=True)
   # The largest-batch search of an arch/size runs once, at its last entry, seeded with the compiled memory of
   # all its entries (e.g. batches 32, 64, 128: the linear fit then needs one or two probes).
-  from repopt_jax import ops  # pylint: disable=g-import-not-at-top
   last = {(a, s): i for i, (a, s, _, _) in enumerate(args.entries)}
   known, results = {}, []
   for i, entry in enumerate(args.entries):
     key = entry[:2]
-    with ops.conv_mode(args.conv):  # read when the steps are traced (compiled) inside bench_arch
-      res = bench_arch(args, *entry, mesh, log, known_memory=known.get(key), max_batch=last[key] == i)
+    res = bench_arch(args, *entry, mesh, log, known_memory=known.get(key), max_batch=last[key] == i)
     for name, run in res["runs"].items():
       known.setdefault(key, {}).setdefault(name, {})[entry[2]] = run["memory"]["total"]
     results.append(res)

@@ -21,6 +21,9 @@ __all__ = ["main", "build_parser", "parse_args", "train_config", "COMMANDS"]
 
 COMMANDS = ("quickstart", "search", "train", "eval", "fuse", "export")
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
+CONV_IMPLS = ("auto", "lax", "im2col")  # repopt_jax.ops.CONV_IMPLS (not imported: it imports jax)
+# The compilation cache's folder, when --cache-dir does not name one (read here, nowhere else).
+ENV_CACHE_DIR = "REPOPT_JAX_CACHE_DIR"
 
 _EPILOG = """\
 examples (run from anywhere; configs are shipped names or JSON files):
@@ -80,6 +83,12 @@ def _common(p: argparse.ArgumentParser, default_config: Optional[str], *, workdi
   p.add_argument("--fast-compile", action="store_true",
                  help="compile without LLVM optimisation: starts several times faster, runs slower "
                       "(short CPU runs, smoke tests)")
+  p.add_argument("--conv", choices=CONV_IMPLS, metavar="{" + ",".join(CONV_IMPLS) + "}",
+                 help="convolution formulation, the same as model.conv_impl=...: auto (im2col + matrix "
+                      "product for small CPU outputs, the default), lax (XLA's own everywhere), im2col")
+  p.add_argument("--cache-dir", metavar="DIR|off",
+                 help=f"JAX's persistent compilation cache (default: ${ENV_CACHE_DIR}, else "
+                      "$XDG_CACHE_HOME/repopt_jax/jax or ~/.cache/repopt_jax/jax; off: no cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,20 +227,20 @@ def train_config(config, overrides: Sequence[str] = (), scales: Optional[str] = 
 
   Raises:
     ScalesError: no such scales file. ConfigError: invalid config, or one that cannot take scales.
+
+  The file is only named here: the run reads it once and checks it against the model before building
+  anything (`train.read_run_scales`, `RunScales.for_dims`), so scales of another architecture are refused
+  there, naming the block or kernel path.
   """
-  from repopt_jax import ScalesError  # pylint: disable=g-import-not-at-top
   from repopt_jax.config import ConfigError, load_config  # pylint: disable=g-import-not-at-top
+  from repopt_jax.scales import ScalesError  # pylint: disable=g-import-not-at-top
 
   if scales is None:
     return load_config(config, overrides), []
-  from repopt_jax.models.reparam import check_scales  # pylint: disable=g-import-not-at-top
   path = os.path.abspath(os.path.expanduser(scales))
   if not os.path.isfile(path):
     raise ScalesError(f"{scales}: no such scales file (--scales)")
   cfg = load_config(config, list(overrides) + [f"scales={json.dumps(path)}"])
-  # Scales of another architecture are refused here, before any data or model is built.
-  from repopt_jax.train.state import load_run_scales  # pylint: disable=g-import-not-at-top
-  check_scales(cfg.model.arch, load_run_scales(cfg))
   notes = []
   mode, name = cfg.model.mode, cfg.optim.name
   if mode == "csla":
@@ -321,8 +330,8 @@ def _metrics_line(m: dict) -> str:
 def _cmd_quickstart(args) -> int:
   from repopt_jax import quickstart as qs  # pylint: disable=g-import-not-at-top
 
-  _enable_compilation_cache()
   config, overrides = _split_items(args.items, args.sets, qs.DEFAULT_CONFIG)
+  _enable_compilation_cache(args)
   result = qs.quickstart(args.out, config=config, overrides=overrides, progress=not args.no_progress,
                          tensorboard=True,
                          compiler_options=FAST_COMPILE if args.fast_compile else None, log=_say)
@@ -338,12 +347,12 @@ def _cmd_search(args) -> int:
   from repopt_jax.runs import write_run_config  # pylint: disable=g-import-not-at-top
   from repopt_jax.search import search  # pylint: disable=g-import-not-at-top
 
-  _enable_compilation_cache()
   name, overrides = _split_items(args.items, args.sets, "digits_tiny_hs")
   config = load_config(name, overrides)
   workdir = _workdir(args, name)
   if config.model.mode == "hs":  # search() refuses anything else before touching the directory
     write_run_config(config, workdir)
+  _enable_compilation_cache(args)
   result = search(config, workdir, scales_path=args.out, plots=not args.no_plots, progress=not args.no_progress,
                   compiler_options=FAST_COMPILE if args.fast_compile else None)
   if result.metrics.get("preempted"):
@@ -367,7 +376,7 @@ def _cmd_train(args) -> int:
   config, notes = train_config(name, overrides, args.scales)
   from repopt_jax.train import Trainer  # pylint: disable=g-import-not-at-top
   workdir = _workdir(args, name)
-  _enable_compilation_cache()
+  _enable_compilation_cache(args)
   trainer = Trainer(config, workdir, progress=not args.no_progress,
                     compiler_options=FAST_COMPILE if args.fast_compile else None, fresh=args.fresh,
                     write_config=True)
@@ -388,18 +397,26 @@ def _cmd_train(args) -> int:
   return 0
 
 
-def _enable_compilation_cache() -> None:
-  from repopt_jax.config import enable_compilation_cache  # pylint: disable=g-import-not-at-top
-  enable_compilation_cache()
+def _enable_compilation_cache(args) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in the folder the user chose (`--cache-dir`, else
+  `$REPOPT_JAX_CACHE_DIR`, else the XDG default); 'off' leaves it off. Imports jax: called right before a
+  command's work, after its arguments and config are checked. Returns the folder, or None."""
+  from repopt_jax.config import default_cache_dir, enable_compilation_cache  # pylint: disable=g-import-not-at-top
+
+  directory = (getattr(args, "cache_dir", None) or os.environ.get(ENV_CACHE_DIR)
+               or default_cache_dir(os.environ.get("XDG_CACHE_HOME")))
+  if directory.strip().lower() in ("off", "none", "0"):
+    return None
+  return enable_compilation_cache(directory)
 
 
 def _cmd_eval(args) -> int:
   from repopt_jax.runs import evaluate_run  # pylint: disable=g-import-not-at-top
 
-  _enable_compilation_cache()
   if args.onnx:
     return _cmd_eval_onnx(args)
   config, overrides = _split_items(args.items, args.sets, None)
+  _enable_compilation_cache(args)
   m = evaluate_run(args.workdir, config, overrides=overrides,
                    compiler_options=FAST_COMPILE if args.fast_compile else None)
   if args.json:
@@ -412,8 +429,8 @@ def _cmd_eval(args) -> int:
 def _cmd_fuse(args) -> int:
   from repopt_jax.runs import fuse_run  # pylint: disable=g-import-not-at-top
 
-  _enable_compilation_cache()
   config, overrides = _split_items(args.items, args.sets, None)
+  _enable_compilation_cache(args)
   out = args.out or os.path.normpath(args.workdir) + "_deploy"
   r = fuse_run(args.workdir, out, config, overrides=overrides,
                compiler_options=FAST_COMPILE if args.fast_compile else None)
@@ -431,6 +448,7 @@ def _cmd_eval_onnx(args) -> int:
   if args.items or args.sets:
     raise ConfigError("eval --onnx takes no config or overrides: the file is evaluated on the run's own "
                       "config.json")
+  _enable_compilation_cache(args)
   m = evaluate_onnx(args.onnx, args.workdir)
   if args.json:
     print(json.dumps(m))
@@ -493,6 +511,8 @@ def parse_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] = 
     parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   if extra:
     args.items = list(getattr(args, "items", [])) + extra
+  if getattr(args, "conv", None):  # last, so that it wins over a model.conv_impl=... among the overrides
+    args.sets = list(args.sets) + [f"model.conv_impl={args.conv}"]
   return args
 
 

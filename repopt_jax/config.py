@@ -15,7 +15,7 @@ from importlib import resources
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["Config", "ConfigError", "REQUIRED", "SCHEMA", "available_configs", "load_config", "validate_config",
-           "compilation_cache_dir", "enable_compilation_cache"]
+           "default_cache_dir", "enable_compilation_cache", "disable_compilation_cache"]
 
 
 class ConfigError(ValueError):
@@ -39,6 +39,7 @@ SCHEMA: dict[str, Any] = {
         "hs_init": "official",      # initial HS scales (see RepOptVGG)
         "reinit_identity": "trained",  # Rule of Initialization: identity from trained gamma | ones
         "reinit": True,             # apply the Rule of Initialization when scales are given (false: ablation)
+        "conv_impl": "auto",        # convolution formulation (repopt_jax.ops): auto | lax | im2col
     },
     "data": {
         "dataset": _REQUIRED,       # a name in repopt_jax.data.available_datasets()
@@ -85,6 +86,7 @@ REQUIRED = tuple(f"{s}.{k}" for s, sec in SCHEMA.items() if isinstance(sec, dict
 _CHOICES = {
     "model.mode": ("target", "csla", "hs", "repvgg"),
     "model.reinit_identity": ("trained", "ones"),
+    "model.conv_impl": ("auto", "lax", "im2col"),
     "optim.name": ("repopt_sgd", "repopt_adamw", "sgd", "adamw"),
     "optim.schedule": ("cosine", "constant"),
     "train.compute_dtype": ("float32", "bfloat16"),
@@ -337,50 +339,43 @@ def load_config(name_or_path: str | Mapping[str, Any], overrides: Optional[Itera
   return _finish(apply_overrides(data, overrides or ()))
 
 
-# The JAX persistent compilation cache of the command line.
-ENV_CACHE_DIR = "REPOPT_JAX_CACHE_DIR"
+# JAX's persistent compilation cache, as the command line turns it on (it decides the directory: `--cache-dir`,
+# `$REPOPT_JAX_CACHE_DIR`, or `default_cache_dir()`); nothing here reads or writes the environment.
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
 
 
-def compilation_cache_dir() -> str:
-  """`$REPOPT_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/repopt_jax/jax` (default `~/.cache/repopt_jax/jax`)."""
-  if os.environ.get(ENV_CACHE_DIR):
-    return os.path.abspath(os.path.expanduser(os.environ[ENV_CACHE_DIR]))
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+def default_cache_dir(xdg_cache_home: Optional[str] = None) -> str:
+  """`XDG_CACHE_HOME/repopt_jax/jax` for a given `XDG_CACHE_HOME`, else `~/.cache/repopt_jax/jax`."""
+  base = xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "repopt_jax", "jax")
 
 
-def enable_compilation_cache(directory: Optional[str] = None) -> Optional[str]:
-  """Turns on JAX's persistent compilation cache, so that a second run of the same config (a resume, an eval,
-  the quickstart again) loads its compiled programs instead of compiling them.
+def enable_compilation_cache(directory: str) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `directory`, so that a second run of the same config (a
+  resume, an eval, the quickstart again) loads its compiled programs instead of compiling them.
 
-  `REPOPT_JAX_CACHE_DIR=off` (or an unwritable directory) leaves it off. Before jax is imported this only
-  sets jax's environment variables (so a one-line error does not pay for importing jax). Returns the
-  directory, or None.
+  Every program is cached (jax's defaults skip those compiled in under a second: on CPU, most of them).
+  Imports jax: call it right before the work that needs jax. `disable_compilation_cache` undoes it.
+
+  Args:
+    directory: the cache folder (created if needed).
+
+  Returns:
+    The directory, or None (cache left off) when it cannot be created or written.
   """
-  import sys  # pylint: disable=g-import-not-at-top
-
-  if os.environ.get(ENV_CACHE_DIR, "").lower() in ("off", "none", "0"):
-    return None
-  directory = directory or compilation_cache_dir()
+  directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError:
     return None
   if not os.access(directory, os.W_OK):
     return None
-  # Cache every program (jax's defaults skip those compiled in under a second: on CPU, most of them).
-  settings = {"jax_compilation_cache_dir": directory, "jax_persistent_cache_min_compile_time_secs": 0.0,
-              "jax_persistent_cache_min_entry_size_bytes": 0}
-  if "jax" in sys.modules:
-    import jax  # pylint: disable=g-import-not-at-top
-    for key, value in settings.items():
-      _CACHE_UNDO.append(("config", key, getattr(jax.config, key)))
-      jax.config.update(key, value)
-  else:
-    for key, value in settings.items():
-      if key.upper() not in os.environ:
-        _CACHE_UNDO.append(("env", key.upper(), None))
-        os.environ[key.upper()] = str(value)
+  import jax  # pylint: disable=g-import-not-at-top
+
+  for key, value in zip(_CACHE_SETTINGS, (directory, 0.0, 0)):
+    _CACHE_UNDO.append((key, getattr(jax.config, key)))
+    jax.config.update(key, value)
   return directory
 
 
@@ -390,17 +385,10 @@ _CACHE_UNDO: list = []
 def disable_compilation_cache() -> None:
   """Undoes `enable_compilation_cache` (the command line does when `main()` returns, so that calling it as a
   library function leaves jax's settings as they were)."""
-  import sys  # pylint: disable=g-import-not-at-top
+  if not _CACHE_UNDO:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
 
   while _CACHE_UNDO:
-    kind, key, value = _CACHE_UNDO.pop()
-    if kind == "env":
-      os.environ.pop(key, None)
-      if "jax" in sys.modules:  # imported since: its flags read the variable then
-        import jax  # pylint: disable=g-import-not-at-top
-        jax.config.update(key.lower(), {"jax_compilation_cache_dir": None,
-                                        "jax_persistent_cache_min_compile_time_secs": 1.0,
-                                        "jax_persistent_cache_min_entry_size_bytes": 0}[key.lower()])
-    else:
-      import jax  # pylint: disable=g-import-not-at-top
-      jax.config.update(key, value)
+    key, value = _CACHE_UNDO.pop()
+    jax.config.update(key, value)

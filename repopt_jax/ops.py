@@ -4,7 +4,10 @@
 of `nnx.Conv`): for NHWC/HWIO convolutions with a small output (at most `SMALL_SPATIAL` pixels per image,
 e.g. the 8x8x256 and 4x4x512 stages of RepOpt-VGG-B1 at 64 px, or a 224 px model's last stages) on CPU it
 computes the convolution as im2col + one matrix product (`conv_im2col`); everything else goes to
-`lax.conv_general_dilated` unchanged (GPU/TPU always do).
+`lax.conv_general_dilated` unchanged (GPU/TPU always do). Its `conv_impl` argument ('auto', 'lax',
+'im2col') pins the formulation; `conv_function(conv_impl)` is the function a model's convs hold, chosen when
+the model is built (the models' `conv_impl` argument, the config key `model.conv_impl`, `--conv` on the
+command line).
 
 Why: XLA's CPU convolutions are tuned for large images; at a few pixels per image they are far from the
 machine's matrix-product speed, and in the RepOpt-VGG-B1 train step at 64 px the input gradient of the
@@ -21,38 +24,30 @@ kernel keeps its HWIO shape: parameters, Grad Mult masks and re-parameterization
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator, Sequence, Tuple, Union
+import functools
+from typing import Callable, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["conv_im2col", "conv_general_dilated", "conv_mode", "SMALL_SPATIAL", "CONV_MODES"]
+__all__ = ["conv_im2col", "conv_general_dilated", "conv_function", "check_conv_impl", "SMALL_SPATIAL",
+           "CONV_IMPLS"]
 
 # Largest output height x width (per image) that `conv_general_dilated` computes as im2col + dot on CPU.
 SMALL_SPATIAL = 64
 # 'auto': im2col where it is faster (see above); 'lax': always XLA's convolution; 'im2col': im2col for every
-# eligible convolution whatever its size and backend. Read when a function is traced.
-CONV_MODES = ("auto", "lax", "im2col")
-_mode = os.environ.get("REPOPT_JAX_CONV", "auto")
-if _mode not in CONV_MODES:
-  raise ValueError(f"REPOPT_JAX_CONV={_mode!r}; valid: {', '.join(CONV_MODES)}")
+# eligible convolution whatever its size and backend. A model's choice is fixed when it is built (the
+# `conv_impl` argument of the models, the config key `model.conv_impl`); nothing here is process-wide.
+CONV_IMPLS = ("auto", "lax", "im2col")
 
 
-@contextlib.contextmanager
-def conv_mode(mode: str) -> Iterator[None]:
-  """Within the block, functions traced use `mode` ('auto', 'lax' or 'im2col'; default from the environment
-  variable REPOPT_JAX_CONV, else 'auto'). For benchmarks: trace (first call of a new jit) inside the block."""
-  global _mode
-  if mode not in CONV_MODES:
-    raise ValueError(f"conv_mode: {mode!r}; valid: {', '.join(CONV_MODES)}")
-  old, _mode = _mode, mode
-  try:
-    yield
-  finally:
-    _mode = old
+def check_conv_impl(conv_impl: str, where: str = "conv_impl") -> str:
+  """`conv_impl` itself when it is one of `CONV_IMPLS`; `ValueError` naming `where` otherwise."""
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"{where}={conv_impl!r} is not a convolution implementation; valid: {', '.join(CONV_IMPLS)}")
+  return conv_impl
+
 
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs, out specs of NHWC / HWIO / NHWC
 
@@ -119,25 +114,35 @@ def _is_nhwc(lhs_shape, rhs_shape, dimension_numbers) -> bool:
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None, **kwargs):
+                         precision=None, preferred_element_type=None, conv_impl: str = "auto", **kwargs):
   """`lax.conv_general_dilated`, computed by `conv_im2col` where that is faster (see the module docstring).
 
-  im2col is used only for 2-D NHWC/HWIO convolutions without dilation, one feature group, on the CPU
-  backend, with an output of at most `SMALL_SPATIAL` pixels per image (see `conv_mode`); otherwise (and for
-  any extra keyword, e.g. `out_sharding`, that is not None) this is `lax.conv_general_dilated` itself.
+  With `conv_impl='auto'`, im2col is used only for 2-D NHWC/HWIO convolutions without dilation, one feature
+  group, on the CPU backend, with an output of at most `SMALL_SPATIAL` pixels per image; `'im2col'` drops
+  the backend and size conditions, `'lax'` never uses it. Otherwise (and for any extra keyword, e.g.
+  `out_sharding`, that is not None) this is `lax.conv_general_dilated` itself.
+
+  Example:
+    >>> x, k = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 3))
+    >>> dn = ('NHWC', 'HWIO', 'NHWC')
+    >>> y = conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn, conv_impl='im2col')
+    >>> ref = lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
+    >>> y.shape, bool(jnp.allclose(y, ref))
+    ((1, 4, 4, 3), True)
   """
+  mode = check_conv_impl(conv_impl)
   extra = {k: v for k, v in kwargs.items() if v is not None}
-  use = (_mode != "lax" and not extra and lhs.ndim == 4 and batch_group_count == 1 and feature_group_count == 1
+  use = (mode != "lax" and not extra and lhs.ndim == 4 and batch_group_count == 1 and feature_group_count == 1
          and all(int(d) == 1 for d in (lhs_dilation or (1, 1)))
          and all(int(d) == 1 for d in (rhs_dilation or (1, 1)))
          and _is_nhwc(lhs.shape, rhs.shape, dimension_numbers)
-         and (_mode == "im2col" or jax.default_backend() == "cpu"))
+         and (mode == "im2col" or jax.default_backend() == "cpu"))
   if use:
     kh, kw = rhs.shape[:2]
     pads = _resolve_padding(padding, lhs.shape[1:3], (kh, kw), window_strides)
     ho = (lhs.shape[1] + sum(pads[0]) - kh) // int(window_strides[0]) + 1
     wo = (lhs.shape[2] + sum(pads[1]) - kw) // int(window_strides[1]) + 1
-    use = 0 < ho * wo and (_mode == "im2col" or ho * wo <= SMALL_SPATIAL)
+    use = 0 < ho * wo and (mode == "im2col" or ho * wo <= SMALL_SPATIAL)
   if use:
     return conv_im2col(lhs, rhs, window_strides, pads, precision=precision,
                        preferred_element_type=preferred_element_type)
@@ -145,3 +150,22 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                   rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                   feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                                   precision=precision, preferred_element_type=preferred_element_type, **kwargs)
+
+
+# One function object per implementation: `nnx.Conv` keeps its `conv_general_dilated` in the graph definition,
+# so models built with the same choice keep equal (and hashable) graph definitions. 'auto' is the plain
+# function, as models have always held.
+_CONV_FUNCTIONS = {"auto": conv_general_dilated,
+                   **{m: functools.partial(conv_general_dilated, conv_impl=m) for m in CONV_IMPLS if m != "auto"}}
+
+
+def conv_function(conv_impl: str = "auto") -> Callable:
+  """The `conv_general_dilated=` argument of `nnx.Conv` for an implementation ('auto', 'lax' or 'im2col').
+
+  Example:
+    >>> from flax import nnx
+    >>> conv = nnx.Conv(2, 3, (3, 3), conv_general_dilated=conv_function('lax'), rngs=nnx.Rngs(0))
+    >>> conv(jnp.ones((1, 4, 4, 2))).shape
+    (1, 4, 4, 3)
+  """
+  return _CONV_FUNCTIONS[check_conv_impl(conv_impl)]

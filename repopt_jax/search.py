@@ -72,10 +72,10 @@ def scales_metadata(config: Config, *, in_channels: int, num_classes: int,
     >>> meta['arch'], meta['arch_config']['widths'], meta['dataset'], meta['hs_init']
     ('tiny', [8, 16, 32, 64], 'digits', 'official')
   """
-  from repopt_jax.models import get_arch, is_vgg  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import family, get_arch  # pylint: disable=g-import-not-at-top
 
   metrics = dict(metrics or {})
-  if is_vgg(config.model.arch):
+  if family(config.model.arch) == "vgg":
     arch = get_arch(config.model.arch)
     name, arch_config = arch.name, {"num_blocks": list(arch.num_blocks), "widths": list(arch.widths),
                                     "stem_width": arch.stem_width, "strides": list(arch.strides)}
@@ -123,8 +123,7 @@ def search(config: Config | str, workdir: str, *, overrides: Sequence[str] = (),
       error the `Trainer` raises (dataset, work directory, non-finite loss).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from repopt_jax import csla  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models import RepOptVGG, reparam  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import registry  # pylint: disable=g-import-not-at-top
   from repopt_jax.train import Trainer  # pylint: disable=g-import-not-at-top
 
   if not isinstance(config, Config) or overrides:
@@ -137,7 +136,7 @@ def search(config: Config | str, workdir: str, *, overrides: Sequence[str] = (),
   metrics = trainer.fit(on_step=on_step)
   model = trainer.model()
   # Official block names for RepOpt-VGG; the kernel paths of the original model for any other one.
-  scales = reparam.scales_from_hs(model) if isinstance(model, RepOptVGG) else csla.scales_of(model)
+  scales = registry.file_scales(config.model.arch, model)
   metadata = scales_metadata(config, in_channels=trainer.spec.channels, num_classes=trainer.num_classes,
                              metrics=metrics)
   path = os.path.abspath(scales_path or os.path.join(trainer.workdir, SCALES_FILE))

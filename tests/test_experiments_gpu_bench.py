@@ -154,18 +154,19 @@ def test_cpu_path_tiny_runs_speed_memory_and_equivalence(tmp_path):
 @pytest.mark.slow
 def test_equivalence_drift_tiny_gives_the_same_numbers_twice(tmp_path):
   """Two fresh processes of `equivalence_drift.py --tiny` give every drift value bit for bit, also when the
-  second starts with what the script pins changed: REPOPT_JAX_CONV=im2col (another convolution formulation)
-  and, with more than one core, a single allowed core (another XLA thread count). Either changes the float32
-  rounding when it is not pinned (measured at the default size on 2 cores: the SGD pair's step-0 drift is
-  5.155e-8 with XLA's convolutions, 4.549e-8 with 'auto', 4.404e-8 with 'im2col'; 1 instead of 2 threads
-  changes every value from step 1 on, e.g. 9.550e-8 instead of 9.327e-8)."""
+  second starts, with more than one core, on a single allowed core (another XLA thread count, which the
+  script pins). The convolution formulation is pinned too (`--conv lax`, the models' `model.conv_impl`; no
+  environment variable can change it). Either changes the float32 rounding when it is not pinned (measured
+  at the default size on 2 cores: the SGD pair's step-0 drift is 5.155e-8 with XLA's convolutions, 4.549e-8
+  with 'auto', 4.404e-8 with 'im2col'; 1 instead of 2 threads changes every value from step 1 on, e.g.
+  9.550e-8 instead of 9.327e-8)."""
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
   single = (lambda: os.sched_setaffinity(0, cores[:1])) if len(cores) > 1 else None
   cmd = [sys.executable, "experiments/equivalence_drift.py", "--tiny", "--pairs", "sgd", "sgd_control"]
   runs = []
-  for i, (env, pre) in enumerate((({}, None), ({"REPOPT_JAX_CONV": "im2col"}, single))):
+  for i, pre in enumerate((None, single)):
     out = subprocess.run(cmd + ["--out", str(tmp_path / str(i))], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, preexec_fn=pre)
+                         timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"}, preexec_fn=pre)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     runs.append(json.loads((tmp_path / str(i) / "equivalence_drift.json").read_text()))
   first, second = runs

@@ -15,11 +15,11 @@ from repopt_jax.models.vgg import (ARCHS, HS_INITS, MODES, BlockSpec, ModelError
                                    hs_scale_init)
 from repopt_jax.models.resnet import BasicBlock, ResNetCifar, resnet18_cifar
 from repopt_jax.models.ghostnet import RepOptGhostNet
-from repopt_jax.models.registry import GENERIC_ARCHS, available_archs, build_generic, is_vgg, register_arch
+from repopt_jax.models.registry import GENERIC_ARCHS, available_archs, build, build_generic, family, register_arch
 
 __all__ = [
     "ARCHS", "HS_INITS", "MODES", "BlockSpec", "BranchScale", "CSLABlock", "ModelError", "RepOptVGG",
     "RepVGGBlock", "TargetBlock", "VGGConfig", "count_params", "flops", "get_arch", "hs_scale_init", "reparam",
-    "BasicBlock", "ResNetCifar", "resnet18_cifar", "GENERIC_ARCHS", "available_archs", "build_generic", "is_vgg",
-    "register_arch", "RepOptGhostNet",
+    "BasicBlock", "ResNetCifar", "resnet18_cifar", "GENERIC_ARCHS", "available_archs", "build", "build_generic",
+    "family", "register_arch", "RepOptGhostNet",
 ]

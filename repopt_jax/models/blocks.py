@@ -65,15 +65,16 @@ def torch_linear_bias_init(fan_in: int):
   return init
 
 
-def _conv(cin, cout, k, stride, dtype, param_dtype, rngs, *, groups: int = 1, use_bias: bool = False):
-  """Every conv of the package's models is built here (one place to change the conv implementation)."""
+def _conv(cin, cout, k, stride, dtype, param_dtype, rngs, *, groups: int = 1, use_bias: bool = False,
+          conv_impl: str = "auto"):
+  """Every conv of the package's models is built here, computed by `ops.conv_function(conv_impl)`."""
   # Explicit PyTorch padding (1 for 3x3, 0 for 1x1), not 'SAME': with stride 2 and an even input, 'SAME'
   # pads (0, 1), which would move the 3x3's centre tap off the pixel the 1x1 branch reads.
   pad = k // 2
   return nnx.Conv(cin, cout, (k, k), strides=stride, padding=((pad, pad), (pad, pad)), use_bias=use_bias,
                   feature_group_count=groups, kernel_init=conv_kernel_init,
                   bias_init=torch_linear_bias_init(cin // groups * k * k), dtype=dtype, param_dtype=param_dtype,
-                  conv_general_dilated=ops.conv_general_dilated, rngs=rngs)
+                  conv_general_dilated=ops.conv_function(conv_impl), rngs=rngs)
 
 
 def _bn(c, dtype, param_dtype, rngs):
@@ -101,9 +102,9 @@ class TargetBlock(_Block):
   """conv3x3 (no bias) -> BatchNorm -> ReLU: the block RepOptimizer trains and deploys."""
 
   def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs):
     self._setup(in_channels, out_channels, stride)
-    self.conv = _conv(in_channels, out_channels, 3, stride, dtype, param_dtype, rngs)
+    self.conv = _conv(in_channels, out_channels, 3, stride, dtype, param_dtype, rngs, conv_impl=conv_impl)
     self.bn = _bn(out_channels, dtype, param_dtype, rngs)
 
   def __call__(self, x):
@@ -119,18 +120,19 @@ class CSLABlock(_Block):
     identity_scale: initial `gamma` (`(C_out,)` or scalar; 1.0 when None); ignored without identity.
     trainable_scales: False for csla (`s`, `t` are `BranchScale` constants), True for hs (`nnx.Param`).
       `gamma` is an `nnx.Param` in both, as in the official code.
+    conv_impl: the convolution formulation of its convs ('auto', 'lax', 'im2col'; `repopt_jax.ops`).
   """
 
   def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, conv_scale=1.0,
                pointwise_scale=1.0, identity_scale=None, trainable_scales: bool = False, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs):
     self._setup(in_channels, out_channels, stride)
     self.dtype = dtype
     var = nnx.Param if trainable_scales else BranchScale
     vec = lambda v: jnp.broadcast_to(jnp.asarray(v, param_dtype), (out_channels,))
-    self.conv = _conv(in_channels, out_channels, 3, stride, dtype, param_dtype, rngs)
+    self.conv = _conv(in_channels, out_channels, 3, stride, dtype, param_dtype, rngs, conv_impl=conv_impl)
     self.scale_conv = var(vec(conv_scale))
-    self.conv_1x1 = _conv(in_channels, out_channels, 1, stride, dtype, param_dtype, rngs)
+    self.conv_1x1 = _conv(in_channels, out_channels, 1, stride, dtype, param_dtype, rngs, conv_impl=conv_impl)
     self.scale_1x1 = var(vec(pointwise_scale))
     if self.has_identity:
       self.scale_identity = nnx.Param(vec(1.0 if identity_scale is None else identity_scale))
@@ -148,11 +150,11 @@ class RepVGGBlock(_Block):
   """`BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x)]` -> ReLU: RepVGG's training-time block."""
 
   def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs):
     self._setup(in_channels, out_channels, stride)
-    self.conv = _conv(in_channels, out_channels, 3, stride, dtype, param_dtype, rngs)
+    self.conv = _conv(in_channels, out_channels, 3, stride, dtype, param_dtype, rngs, conv_impl=conv_impl)
     self.bn = _bn(out_channels, dtype, param_dtype, rngs)
-    self.conv_1x1 = _conv(in_channels, out_channels, 1, stride, dtype, param_dtype, rngs)
+    self.conv_1x1 = _conv(in_channels, out_channels, 1, stride, dtype, param_dtype, rngs, conv_impl=conv_impl)
     self.bn_1x1 = _bn(out_channels, dtype, param_dtype, rngs)
     if self.has_identity:
       self.bn_identity = _bn(out_channels, dtype, param_dtype, rngs)
@@ -166,9 +168,9 @@ class RepVGGBlock(_Block):
 
 def make_block(mode: str, in_channels: int, out_channels: int, stride: int, *, conv_scale=1.0,
                pointwise_scale=1.0, identity_scale: Optional[object] = None, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs) -> _Block:
+               param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs) -> _Block:
   """The block of `mode` ('target', 'csla', 'hs' or 'repvgg'); scales are used by csla/hs only."""
-  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  kw = dict(dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)
   if mode == "target":
     return TargetBlock(in_channels, out_channels, stride, **kw)
   if mode == "repvgg":

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from repopt_jax.models.vgg import ARCHS, MODES, ModelError, VGGConfig, get_arch
+from repopt_jax.models import registry
+from repopt_jax.models.vgg import MODES, ModelError, VGGConfig, get_arch
 
 
 def count_params(model: nnx.Module) -> int:
@@ -61,7 +62,7 @@ def flops(arch: Union[str, VGGConfig], image_size: int = 224, num_classes: int =
     >>> round(flops('B1', 224) / 1e9, 1)
     11.8
   """
-  if isinstance(arch, str) and arch not in ARCHS:
+  if registry.family(arch) == "generic":
     return _generic_flops(arch, image_size, num_classes, mode, in_channels)
   config = get_arch(arch)
   if mode not in MODES:
@@ -111,7 +112,6 @@ def traced_macs(model: nnx.Module, x_shape) -> int:
 
 
 def _generic_flops(arch: str, image_size, num_classes: int, mode: str, in_channels: int) -> int:
-  from repopt_jax.models.registry import build_generic  # pylint: disable=g-import-not-at-top
   h, w = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
-  model = nnx.eval_shape(lambda: build_generic(arch, mode, num_classes=num_classes, in_channels=in_channels))
+  model = nnx.eval_shape(lambda: registry.build_generic(arch, mode, num_classes=num_classes, in_channels=in_channels))
   return traced_macs(model, (1, h, w, in_channels))

@@ -59,7 +59,7 @@ def make_divisible(v: float, divisor: int, min_value: Optional[int] = None) -> i
 
 def _conv(cin, cout, k, stride, kw, groups=1, use_bias=False):
   return blocks_lib._conv(cin, cout, k, stride, kw["dtype"], kw["param_dtype"], kw["rngs"], groups=groups,  # pylint: disable=protected-access
-                          use_bias=use_bias)
+                          use_bias=use_bias, conv_impl=kw["conv_impl"])
 
 
 def _bn(c, kw):
@@ -142,7 +142,8 @@ class RepOptGhostNet(nnx.Module):
     width: the multiplier (a float or a `WIDTHS` key such as '0_5x').
     num_classes, in_channels: head outputs and image channels.
     enable_se: squeeze-excite where the official configuration has it.
-    dtype, param_dtype, rngs: as every model here.
+    dtype, param_dtype, conv_impl, rngs: as every model here (`conv_impl`: 'auto', 'lax' or 'im2col', see
+      `repopt_jax.ops`).
 
   Example:
     >>> model = nnx.eval_shape(lambda: RepOptGhostNet(0.5, rngs=nnx.Rngs(0)))
@@ -152,9 +153,9 @@ class RepOptGhostNet(nnx.Module):
   """
 
   def __init__(self, width=0.5, *, num_classes: int = 1000, in_channels: int = 3, enable_se: bool = True,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=None, param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs):
     width = WIDTHS[width] if isinstance(width, str) else float(width)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)
     c = make_divisible(16 * width, 4)
     self.conv_stem = _conv(in_channels, c, 3, 2, kw)
     self.bn1 = _bn(c, kw)
@@ -172,7 +173,8 @@ class RepOptGhostNet(nnx.Module):
     self.blocks = nnx.List(stages)
     self.conv_head = _conv(last, 1280, 1, 1, kw, use_bias=True)
     self.classifier = nnx.Linear(1280, num_classes, kernel_init=blocks_lib.conv_kernel_init,
-                                 bias_init=blocks_lib.torch_linear_bias_init(1280), **kw)
+                                 bias_init=blocks_lib.torch_linear_bias_init(1280), dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x):
     x = nnx.relu(self.bn1(self.conv_stem(x)))

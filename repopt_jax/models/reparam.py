@@ -75,10 +75,11 @@ def scales_from_hs(hs_model: RepOptVGG) -> dict:
 
 
 def check_scales(arch_or_model: Union[str, VGGConfig, RepOptVGG], scales: Mapping[str, CSLAScales]) -> None:
-  """Raises `ScalesError` naming the block when `scales` does not fit the architecture.
+  """Raises `ScalesError` naming the block when `scales` does not fit the RepOpt-VGG architecture.
 
   Every block must be present with the right width, a 1x1 scale, no other branches, and an identity
-  branch exactly where the architecture has one; no entry may name a block the architecture lacks.
+  branch exactly where the architecture has one; no entry may name a block the architecture lacks. (Any
+  architecture, VGG or not: `registry.check_scales`.)
 
   Args:
     arch_or_model: a name in `ARCHS`, a `VGGConfig`, or a `RepOptVGG` model (any mode).
@@ -90,19 +91,8 @@ def check_scales(arch_or_model: Union[str, VGGConfig, RepOptVGG], scales: Mappin
   """
   if isinstance(arch_or_model, RepOptVGG):
     check_scales_for(arch_or_model.config, scales, arch_or_model.in_channels)
-  elif isinstance(arch_or_model, str) and arch_or_model not in ARCHS:
-    # Any other architecture: scales keyed by kernel paths, checked against its (abstract) plain model.
-    from repopt_jax.models.registry import GENERIC_ARCHS, build_generic  # pylint: disable=g-import-not-at-top
-    if arch_or_model not in GENERIC_ARCHS:
-      get_arch(arch_or_model)  # ModelError listing the names
-    if not isinstance(scales, Mapping):
-      raise ScalesError(f"scales: expected a dict {{kernel_path: CSLAScales}}, got {type(scales).__name__}")
-    plain = nnx.eval_shape(lambda: build_generic(arch_or_model, "target", num_classes=10))
-    csla.scales_tree(plain, scales)
-  elif isinstance(arch_or_model, nnx.Module):
-    csla.scales_tree(arch_or_model, scales)
   else:
-    check_scales_for(get_arch(arch_or_model), scales)
+    check_scales_for(get_arch(arch_or_model), scales)  # ModelError listing the sizes for another name
 
 
 def kernel_path(block_name: str) -> str:
@@ -257,7 +247,8 @@ def _empty_like(model: RepOptVGG, mode: str) -> RepOptVGG:
   """An abstract (`nnx.eval_shape`) model of the same size in `mode`, to be filled in completely."""
   return nnx.eval_shape(lambda: RepOptVGG(model.config, mode, num_classes=model.num_classes,
                                           in_channels=model.in_channels, dtype=model.dtype,
-                                          param_dtype=model.param_dtype, rngs=nnx.Rngs(0)))
+                                          param_dtype=model.param_dtype, conv_impl=model.conv_impl,
+                                          rngs=nnx.Rngs(0)))
 
 
 def _finish(target: RepOptVGG, source: RepOptVGG, fn: str) -> RepOptVGG:

@@ -22,15 +22,17 @@ from repopt_jax.models import blocks as blocks_lib
 class BasicBlock(nnx.Module):
   """`relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`; shortcut = 1x1 conv + BN when the shape changes."""
 
-  def __init__(self, cin: int, cout: int, stride: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, cin: int, cout: int, stride: int, *, dtype=None, param_dtype=jnp.float32,
+               conv_impl: str = "auto", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.conv1 = blocks_lib._conv(cin, cout, 3, stride, dtype, param_dtype, rngs)  # pylint: disable=protected-access
+    conv = lambda i, o, k, s: blocks_lib._conv(i, o, k, s, dtype, param_dtype, rngs, conv_impl=conv_impl)  # pylint: disable=protected-access
+    self.conv1 = conv(cin, cout, 3, stride)
     self.bn1 = blocks_lib._bn(cout, **kw)  # pylint: disable=protected-access
-    self.conv2 = blocks_lib._conv(cout, cout, 3, 1, dtype, param_dtype, rngs)  # pylint: disable=protected-access
+    self.conv2 = conv(cout, cout, 3, 1)
     self.bn2 = blocks_lib._bn(cout, **kw)  # pylint: disable=protected-access
     self.has_shortcut = stride != 1 or cin != cout
     if self.has_shortcut:
-      self.shortcut_conv = blocks_lib._conv(cin, cout, 1, stride, dtype, param_dtype, rngs)  # pylint: disable=protected-access
+      self.shortcut_conv = conv(cin, cout, 1, stride)
       self.shortcut_bn = blocks_lib._bn(cout, **kw)  # pylint: disable=protected-access
 
   def __call__(self, x):
@@ -49,6 +51,7 @@ class ResNetCifar(nnx.Module):
     in_channels: image channels.
     width: the first stage's width (64 for the standard network; stages `w, 2w, 4w, 8w`).
     dtype, param_dtype: computation and parameter dtypes.
+    conv_impl: the convolution formulation ('auto', 'lax' or 'im2col'; see `repopt_jax.ops`).
     rngs: `nnx.Rngs`.
 
   Example:
@@ -58,17 +61,17 @@ class ResNetCifar(nnx.Module):
   """
 
   def __init__(self, num_blocks=(2, 2, 2, 2), *, num_classes: int = 10, in_channels: int = 3, width: int = 64,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=None, param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_classes, self.in_channels, self.width = int(num_classes), int(in_channels), int(width)
-    self.conv1 = blocks_lib._conv(in_channels, width, 3, 1, dtype, param_dtype, rngs)  # pylint: disable=protected-access
+    self.conv1 = blocks_lib._conv(in_channels, width, 3, 1, dtype, param_dtype, rngs, conv_impl=conv_impl)  # pylint: disable=protected-access
     self.bn1 = blocks_lib._bn(width, **kw)  # pylint: disable=protected-access
     cin = width
     for s, n in enumerate(num_blocks):
       cout = width * 2 ** s
       layer = []
       for i in range(n):
-        layer.append(BasicBlock(cin, cout, 2 if (s > 0 and i == 0) else 1, **kw))
+        layer.append(BasicBlock(cin, cout, 2 if (s > 0 and i == 0) else 1, conv_impl=conv_impl, **kw))
         cin = cout
       setattr(self, f"layer{s + 1}", nnx.List(layer))
     self.num_stages = len(num_blocks)
@@ -84,7 +87,7 @@ class ResNetCifar(nnx.Module):
 
 
 def resnet18_cifar(*, num_classes: int = 10, in_channels: int = 3, width: int = 64, dtype=None,
-                   param_dtype=jnp.float32, rngs: nnx.Rngs) -> ResNetCifar:
+                   param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs) -> ResNetCifar:
   """The CIFAR ResNet-18 (`(2, 2, 2, 2)` blocks)."""
   return ResNetCifar((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width, dtype=dtype,
-                     param_dtype=param_dtype, rngs=rngs)
+                     param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from repopt_jax import ops
 from repopt_jax.models import blocks as blocks_lib
 from repopt_jax.scales import CSLAScales, ScalesError
 
@@ -200,6 +201,8 @@ class RepOptVGG(nnx.Module):
       `identity_init` when given, else 1). Ignored in the other modes.
     hs_init: 'official' or 'paper', the initial `s`, `t` of the 'hs' mode (see `hs_scale_init`).
     dtype: computation dtype; param_dtype: parameter dtype.
+    conv_impl: the convolution formulation ('auto', 'lax' or 'im2col'; see `repopt_jax.ops`): the same
+      function to rounding, fixed when the model is built.
     rngs: `nnx.Rngs` for the initialisers.
 
   Example:
@@ -211,10 +214,12 @@ class RepOptVGG(nnx.Module):
 
   def __init__(self, arch: Union[str, VGGConfig], mode: str, *, num_classes: int = 1000, in_channels: int = 3,
                scales: Optional[Mapping[str, CSLAScales]] = None, hs_init: str = "official",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs = None):
+               dtype=jnp.float32, param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs = None):
     config = get_arch(arch)
     if mode not in MODES:
       raise ModelError(f"unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    if conv_impl not in ops.CONV_IMPLS:
+      raise ModelError(f"unknown conv_impl {conv_impl!r}; valid: {', '.join(ops.CONV_IMPLS)}")
     if hs_init not in HS_INITS:
       raise ModelError(f"unknown hs_init {hs_init!r}; valid: {', '.join(HS_INITS)}")
     if int(num_classes) < 1 or int(in_channels) < 1:
@@ -232,6 +237,7 @@ class RepOptVGG(nnx.Module):
     self.hs_init = hs_init
     self.dtype = dtype
     self.param_dtype = param_dtype
+    self.conv_impl = conv_impl
 
     def build(spec: BlockSpec):
       kw = {}
@@ -243,7 +249,7 @@ class RepOptVGG(nnx.Module):
         v = hs_scale_init(spec.index, hs_init)
         kw = dict(conv_scale=v, pointwise_scale=v, identity_scale=1.0)
       return blocks_lib.make_block(mode, spec.in_channels, spec.out_channels, spec.stride, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs, **kw)
+                                   param_dtype=param_dtype, conv_impl=conv_impl, rngs=rngs, **kw)
 
     specs = config.block_specs(self.in_channels)
     self.stage0 = build(specs[0])

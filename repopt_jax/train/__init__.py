@@ -10,6 +10,7 @@ from repopt_jax.train.checkpoint import CheckpointError, Checkpointer, Checkpoin
 from repopt_jax.train.loop import NonFiniteLossError, Trainer, WorkdirError, exit_status
 from repopt_jax.train.mesh import PeerError, batch_sharded, make_mesh, maybe_initialize_distributed, replicated
 from repopt_jax.train.metrics import MetricsWriter, Progress, read_jsonl
+from repopt_jax.train.run_scales import RunScales, read_run_scales
 from repopt_jax.train.state import (TrainState, build_model, build_optimizer, init_state, make_schedule,
                                     split_model)
 from repopt_jax.train.step import EvalStep, TrainStep, cross_entropy
@@ -19,5 +20,5 @@ __all__ = [
     "CheckpointWarning", "NonFiniteLossError", "PeerError", "exit_status", "Trainer",
     "WorkdirError", "batch_sharded", "make_mesh", "maybe_initialize_distributed", "replicated", "MetricsWriter",
     "Progress", "read_jsonl", "TrainState", "build_model", "build_optimizer", "init_state", "make_schedule",
-    "split_model", "EvalStep", "TrainStep", "cross_entropy",
+    "split_model", "EvalStep", "TrainStep", "cross_entropy", "RunScales", "read_run_scales",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 from repopt_jax.config import Config, ConfigError
 from repopt_jax.train import mesh as mesh_lib
 from repopt_jax.train import state as state_lib
+from repopt_jax.train.run_scales import RunScales, read_run_scales
 from repopt_jax.train.step import EvalStep, TrainStep
 
 __all__ = ["Run", "build_run"]
@@ -34,7 +35,7 @@ class Run:
   train_size: Optional[int]
   steps_per_epoch: Optional[int]
   total_steps: Optional[int]
-  scales: Optional[dict]
+  scales: Optional[RunScales]         # read once and checked once against the model (None: no scales)
   scales_fingerprint: Optional[str]
   model: Any                  # the initialised nnx model (train mode)
   graphdef: Any
@@ -68,7 +69,10 @@ def build_run(config: Config, *, devices: Optional[Sequence[jax.Device]] = None,
 
   Validation comes first, so that a bad config fails before anything is built: batch sizes divisible by the
   devices, the dataset and its splits known, the global batch no larger than the train split, the scales
-  file readable and usable (`state.load_run_scales`), then the model and the optimizer's own checks.
+  file readable and usable (`read_run_scales`: the one read of the file) and fitting the model
+  (`RunScales.for_dims`: the one check, before the model is built), then the model and the optimizer's
+  own checks. The model, the optimizer, the `Run` and its checkpoints' fingerprint all use that one
+  `RunScales`.
 
   Args:
     config: a validated `Config`.
@@ -78,7 +82,8 @@ def build_run(config: Config, *, devices: Optional[Sequence[jax.Device]] = None,
     mesh: an existing mesh.
     dims: `{'num_classes', 'in_channels', 'image_size'}` known from a checkpoint (skips the dataset lookup
       for them).
-    scales: `{block: CSLAScales}` already read, or "config" to read the config's scales file.
+    scales: a `RunScales` or `{name: CSLAScales}` already read, or "config" to read the config's scales
+      file.
 
   Raises:
     ConfigError, DatasetError, ScalesError, ModelError: naming the offending key, file or block.
@@ -115,8 +120,12 @@ def build_run(config: Config, *, devices: Optional[Sequence[jax.Device]] = None,
     # An eval-only run needs the scales only where they are part of the model (csla): a trained RepOpt-VGG is
     # a plain model, evaluated even if its scales file has moved since.
     needed = train or config.model.mode == "csla"
-    scales = state_lib.load_run_scales(config) if needed else None
-  fingerprint = state_lib.scales_fingerprint(scales)
+    scales = read_run_scales(config) if needed else None
+  elif scales is not None:
+    scales = RunScales.of(scales, config.model.arch)
+  if scales is not None and config.model.mode in ("target", "csla"):
+    scales = scales.for_dims(num_classes, in_channels)  # ScalesError naming the block or kernel path
+  fingerprint = None if scales is None else scales.fingerprint
 
   model_config = config
   if not train and config.model.mode == "target" and config.model.reinit:

@@ -195,7 +195,3 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   """The sharding of a batch: the leading axis split over 'data'."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
-
-# The JAX persistent compilation cache of the command line (kept in `repopt_jax.config`: no jax import).
-from repopt_jax.config import (ENV_CACHE_DIR, compilation_cache_dir,  # noqa: E402,F401  pylint: disable=g-import-not-at-top
-                               enable_compilation_cache)

@@ -4,7 +4,7 @@
 model's structure lives apart in its `nnx.GraphDef`, so the train step is a pure function of arrays.
 
 A RepOptimizer run (`optim.name` repopt_sgd / repopt_adamw) trains the plain target model: its kernels are
-initialised by the Rule of Initialization from the constant scales (`reparam.reinit_target`) and their
+initialised by the Rule of Initialization from the constant scales (`csla.reinit`) and their
 gradients multiplied by the Grad Mult (Rule of Iteration) inside the optimizer.
 """
 
@@ -18,11 +18,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from repopt_jax import csla
 from repopt_jax import optim as repopt_optim
 from repopt_jax.config import REPOPT_OPTIMIZERS, Config, ConfigError
+from repopt_jax.models import blocks, registry
+from repopt_jax.train.run_scales import RunScales
 
 __all__ = ["TrainState", "build_model", "build_optimizer", "make_schedule", "split_model", "init_state",
-           "compute_dtype"]
+           "compute_dtype", "steps_per_epoch", "total_steps"]
 
 
 class TrainState(NamedTuple):
@@ -39,19 +42,21 @@ def compute_dtype(config: Config):
   return jnp.bfloat16 if config.train.compute_dtype == "bfloat16" else jnp.float32
 
 
-def build_model(config: Config, scales: Optional[dict] = None, *, num_classes: Optional[int] = None,
+def build_model(config: Config, scales=None, *, num_classes: Optional[int] = None,
                 in_channels: Optional[int] = None, seed: Optional[int] = None):
   """The model a config describes, initialised (Rule of Initialization for a RepOptimizer run).
 
-  A RepOpt-VGG size is a `RepOptVGG` in `model.mode`; any other `model.arch` (`models.available_archs()`,
-  e.g. 'resnet18_cifar') is its plain NNX model, or its `csla.hyper_search_model` / `csla.csla_model`.
+  Any `model.arch` (`models.available_archs()`: the RepOpt-VGG sizes, 'resnet18_cifar', ...) in
+  `model.mode`, built by `models.build` with the convolution formulation `model.conv_impl`. A target model
+  with scales is re-initialised from them by the Rule of Initialization (`csla.reinit`, the same for every
+  architecture): fresh branch kernels, identity from the trained gamma unless `model.reinit_identity` is
+  'ones'.
 
   Args:
     config: a `Config` (sections model, data, train).
-    scales: `{block_name: CSLAScales}` (RepOpt-VGG) or `{kernel_path: CSLAScales}` (any other model);
-      required for mode 'csla' and for a target model trained by a
-      RepOptimizer (then the kernels are re-initialised from them, identity from the trained gamma unless
-      `model.reinit_identity` is 'ones').
+    scales: a `RunScales` (`read_run_scales`), or `{block_name: CSLAScales}` (RepOpt-VGG) /
+      `{kernel_path: CSLAScales}` (any other model); required for mode 'csla' and for a target model trained
+      by a RepOptimizer. Checked against the model unless the `RunScales` already was (`build_run`).
     num_classes: overrides `model.num_classes`; one of the two must be set (the trainer takes it from the
       dataset).
     in_channels: image channels (default 3).
@@ -60,9 +65,6 @@ def build_model(config: Config, scales: Optional[dict] = None, *, num_classes: O
   Returns:
     An `nnx.Module` in train mode with float32 params and `train.compute_dtype` activations.
   """
-  from repopt_jax.models import RepOptVGG, build_generic, get_arch, is_vgg, reparam  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models.vgg import check_scales_for  # pylint: disable=g-import-not-at-top
-
   num_classes = num_classes or config.model.num_classes
   if not num_classes:
     raise ConfigError("'model.num_classes' is null and no dataset gave it: set model.num_classes")
@@ -70,34 +72,30 @@ def build_model(config: Config, scales: Optional[dict] = None, *, num_classes: O
   if mode == "csla" and scales is None:
     raise ConfigError("'model.mode' = 'csla' needs the constant scales: set 'scales' to a scales file")
   seed = config.train.seed if seed is None else seed
-  kwargs = dict(num_classes=int(num_classes), in_channels=int(in_channels or 3), dtype=compute_dtype(config),
-                param_dtype=jnp.float32)
-  if mode == "csla":
-    kwargs["scales"] = scales
-  if mode == "hs":
-    kwargs["hs_init"] = config.model.hs_init
-  reinit = scales is not None and mode == "target" and config.model.reinit
-  vgg = is_vgg(config.model.arch)
-  if scales is not None and mode in ("target", "csla") and vgg:
-    check_scales_for(get_arch(config.model.arch), scales, int(in_channels or 3))  # ScalesError naming the block
+  in_channels = int(in_channels or 3)
+  kwargs = dict(num_classes=int(num_classes), in_channels=in_channels, dtype=compute_dtype(config),
+                param_dtype=jnp.float32, hs_init=config.model.hs_init, conv_impl=config.model.conv_impl, seed=seed)
+  run_scales = None
+  if scales is not None and mode in ("target", "csla"):  # checked once (build_run checks them before)
+    run_scales = RunScales.of(scales, config.model.arch).for_dims(num_classes, in_channels)
+  reinit = run_scales is not None and mode == "target" and config.model.reinit
 
-  def create():
-    if not vgg:  # any other architecture: the generic CSLA machinery (scales keyed by kernel paths)
-      return build_generic(config.model.arch, mode, scales=scales if mode in ("target", "csla") else None,
-                           hs_init=config.model.hs_init, reinit=reinit,
-                           reinit_identity=config.model.reinit_identity, seed=seed,
-                           **{k: kwargs[k] for k in ("num_classes", "in_channels", "dtype", "param_dtype")})
-    model = RepOptVGG(config.model.arch, mode, rngs=nnx.Rngs(seed), **kwargs)
+  def create(reinit: bool):
+    model = registry.build(config.model.arch, mode, scales=run_scales.scales if mode == "csla" else None,
+                           **kwargs)
     if reinit:
-      # Rule of Initialization: W'(0) = s*W3(0) + t*pad(W1(0)) + diag(gamma), fresh branch kernels.
-      reparam.reinit_target(model, scales, nnx.Rngs(seed + 1), identity=config.model.reinit_identity)
+      # Rule of Initialization: W'(0) = s*W_k(0) + t*pad(W_1(0)) + diag(gamma), fresh branch kernels drawn
+      # as the models draw theirs.
+      csla.reinit(model, run_scales.by_kernel, rngs=nnx.Rngs(seed + 1), kernel_init=blocks.conv_kernel_init,
+                  identity=config.model.reinit_identity)
     return model
 
   # One compiled program for all initialisers (eagerly, each op would compile on its own), built without
   # LLVM optimisation: it runs once, and XLA:CPU otherwise spends tens of seconds on the unrolled
-  # threefry hashes of every initialiser. Integer hashing is exact either way.
-  graphdef = nnx.graphdef(nnx.eval_shape(create))
-  values = jax.jit(lambda: nnx.as_pure(nnx.state(create())),
+  # threefry hashes of every initialiser. Integer hashing is exact either way. The structure comes from an
+  # abstract build without the Rule of Initialization, which changes values only.
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create(False)))
+  values = jax.jit(lambda: nnx.as_pure(nnx.state(create(reinit))),
                    compiler_options={"xla_backend_optimization_level": 0})()
   model = nnx.merge(graphdef, values)
   model.train()
@@ -140,7 +138,7 @@ def build_optimizer(config: Config, model, scales: Optional[dict] = None, *,
                     schedule: Optional[optax.ScalarOrSchedule] = None) -> optax.GradientTransformation:
   """The optax optimizer a config names, with the paper's weight-decay mask.
 
-  - `repopt_sgd` / `repopt_adamw`: gradient re-parameterization from `scales` (`reparam.scales_tree`);
+  - `repopt_sgd` / `repopt_adamw`: gradient re-parameterization from `scales` (`RunScales.tree`);
     gradient clipping is refused (it breaks the equivalence with the multi-branch model).
   - `sgd`: coupled L2 decay (masked) then momentum/Nesterov, as RepOpt-SGD without the Grad Mult.
   - `adamw`: decoupled masked decay.
@@ -149,7 +147,8 @@ def build_optimizer(config: Config, model, scales: Optional[dict] = None, *,
   Args:
     config: a `Config`.
     model: the `nnx.Module` being trained (its params' structure and decay mask).
-    scales: `{block_name: CSLAScales}`, required by the RepOptimizers.
+    scales: a `RunScales` (its tree is used as it is when it was checked for this model, as `build_run`
+      does), or the dict `build_model` takes; required by the RepOptimizers.
     schedule: learning rate or schedule (default: the constant `optim.lr`).
 
   Returns:
@@ -158,11 +157,8 @@ def build_optimizer(config: Config, model, scales: Optional[dict] = None, *,
   Raises:
     ConfigError: clipping with a RepOptimizer, a RepOptimizer without scales or on a non-target model.
   """
-  from repopt_jax import csla  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models import RepOptVGG, reparam  # pylint: disable=g-import-not-at-top
-
-  def tree(model, scales):  # official block names for RepOpt-VGG, kernel paths for any other model
-    return reparam.scales_tree(model, scales) if isinstance(model, RepOptVGG) else csla.scales_tree(model, scales)
+  def tree(model, scales):  # the tree build_run checked, unless these scales were never checked for it
+    return RunScales.of(scales, config.model.arch).checked(model).tree
 
   o = config.optim
   lr = float(o.lr) if schedule is None else schedule
@@ -213,49 +209,3 @@ def total_steps(config: Config, per_epoch: int) -> int:
   if config.train.steps is not None:
     return int(config.train.steps)
   return int(math.ceil(float(config.train.epochs) * per_epoch))
-
-
-def load_run_scales(config: Config) -> Optional[dict]:
-  """The scales file a config names (`scales`), read once and checked: `{block: CSLAScales}` or None.
-
-  The one place a run's scales are read: the file must be a repopt_jax `.npz` or an official `.pth`, and
-  no block may have all its branch scales zero (its kernel could never move, or only its identity
-  diagonal could).
-
-  Raises:
-    ScalesError: no such file, a file of neither format, or a block whose scales are all zero (named).
-  """
-  import os  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from repopt_jax.scales import ScalesError, load_scales  # pylint: disable=g-import-not-at-top
-
-  if not config.scales:
-    return None
-  path = os.path.abspath(os.path.expanduser(config.scales))
-  if not os.path.isfile(path):
-    raise ScalesError(f"scales file {config.scales} does not exist (config key 'scales')")
-  scales, _ = load_scales(path)  # a file it cannot decode: "neither a repopt_jax .npz ... nor ... .pth"
-  for name, s in scales.items():
-    parts = [s.conv, s.pointwise] + [w for _, w in (s.extra or ())]
-    if all(p is None or not np.any(np.asarray(p)) for p in parts):
-      what = "only its identity diagonal can move" if s.identity else "its kernel can never move"
-      raise ScalesError(f"{path}: block {name!r} has every branch scale zero (s and t are 0 for every "
-                        f"channel): {what} under the Grad Mult; use scales from Hyper-Search")
-  return scales
-
-
-def scales_fingerprint(scales: Optional[dict]) -> Optional[str]:
-  """A SHA-256 of the scales' values (block names and arrays): what a resumed run must share."""
-  import hashlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  if scales is None:
-    return None
-  h = hashlib.sha256()
-  for name in sorted(scales):
-    s = scales[name]
-    h.update(name.encode())
-    for part in (s.conv, s.pointwise, s.identity_init, *(w for _, w in (s.extra or ()))):
-      h.update(b"-" if part is None else np.ascontiguousarray(np.asarray(part, np.float64)).tobytes())
-    h.update(b"I" if s.identity else b"i")
-  return h.hexdigest()
