@@ -589,11 +589,8 @@ def load_stablehlo(path: str):
 
 # ------------------------------------------------------------------------------------------------ runs
 def _run_config(workdir: str):
-  from repopt_jax import runs  # pylint: disable=g-import-not-at-top
-  from repopt_jax.train import WorkdirError  # pylint: disable=g-import-not-at-top
-  if not os.path.isdir(os.path.expanduser(str(workdir))):
-    raise WorkdirError(f"run directory {workdir} does not exist")
-  return runs.read_run_config(workdir)
+  from repopt_jax.rundir import RunDir  # pylint: disable=g-import-not-at-top
+  return RunDir(workdir).check_exists().read_config()
 
 
 def _image_size(config) -> int:
@@ -677,15 +674,16 @@ def export_run(workdir: str, out: str, *, format: str = "onnx", int8: bool = Fal
   if config.model.mode == "hs":
     raise _hs_error(workdir)
   path = _prepare_out(out)
-  if os.path.commonpath([path, os.path.abspath(os.path.expanduser(workdir))]) == \
-      os.path.abspath(os.path.expanduser(workdir)):
+  from repopt_jax.rundir import resolve  # pylint: disable=g-import-not-at-top
+  run_path = resolve(workdir)
+  if os.path.commonpath([path, run_path]) == run_path:
     raise ExportError(f"--out {out}: inside the run directory {workdir}, which export opens read-only; write "
                       "the file elsewhere")
   model, config = _load_run_model(workdir)
   size = _image_size(config)
   arch = config.model.arch if isinstance(config.model.arch, str) else "custom"
   net = deployed_network(model, size, name=f"{arch} ({config.model.mode})")
-  meta = {"source_run": os.path.abspath(os.path.expanduser(workdir)), "mode": config.model.mode, "arch": arch,
+  meta = {"source_run": run_path, "mode": config.model.mode, "arch": arch,
           "dataset": config.data.dataset}
   from repopt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   spec = data_lib.dataset_info(config.data.dataset, config.data.data_dir)

@@ -17,6 +17,7 @@ images/s, parameters at train and inference time) as Markdown and JSON, training
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -28,7 +29,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from repopt_jax.config import Config, load_config
+from repopt_jax.config import Config, WorkdirError, load_config
+from repopt_jax.rundir import RunDir
 
 __all__ = ["QuickstartResult", "quickstart", "format_table", "plot_curves", "steady_images_per_sec", "RUNS",
            "HS_OVERRIDES", "DEFAULT_CONFIG", "DEFAULT_OUT"]
@@ -67,11 +69,15 @@ class QuickstartResult:
     table: the Markdown table of `rows` (what the CLI prints).
     files: `{'markdown', 'json', 'curves', 'scales', 'scales_distribution', 'identity_variance_ratio'}` paths.
     seconds: wall time of the whole quickstart.
+    stopped: None, or `{'signal', 'exit_status', 'stage'}` when a signal (SIGTERM, SIGINT) stopped a run:
+      the later runs did not start, and `rows` holds the finished ones only (`table` and `files` are
+      empty).
   """
   rows: list
   table: str
   files: dict
   seconds: float
+  stopped: Optional[dict] = None
 
 
 def steady_images_per_sec(records: Sequence[dict]) -> Optional[float]:
@@ -151,23 +157,22 @@ def plot_curves(runs: Sequence[tuple], path: str, title: str = "") -> str:
   return path
 
 
-def _prepare_out(out_dir: str) -> str:
-  """Creates the output folder; clears the run folders of an earlier quickstart, refuses anyone else's."""
-  from repopt_jax.train import WorkdirError  # pylint: disable=g-import-not-at-top
-
-  out = os.path.abspath(os.path.expanduser(out_dir))
-  if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, _MARKER)):
+def _check_out(out: RunDir) -> None:
+  """Refuses an output folder that holds anything but an earlier quickstart's files."""
+  if os.path.isdir(out.path) and os.listdir(out.path) and not os.path.exists(out.join(_MARKER)):
     raise WorkdirError(f"output folder {out} is not empty and was not written by the quickstart; "
                        "choose another one with --out")
+
+
+def _prepare_out(out: RunDir) -> None:
+  """Clears the run folders of an earlier quickstart (under the output folder's lock) and marks the folder."""
   try:
-    os.makedirs(out, exist_ok=True)
     for run in (_HS,) + RUNS:  # every run starts from scratch (a run folder would otherwise be resumed)
-      shutil.rmtree(os.path.join(out, run.key), ignore_errors=True)
-    with open(os.path.join(out, _MARKER), "w", encoding="utf-8") as f:
+      shutil.rmtree(out.join(run.key), ignore_errors=True)
+    with open(out.join(_MARKER), "w", encoding="utf-8") as f:
       f.write("written by repopt_jax.quickstart; its run folders are replaced on every run\n")
   except OSError as e:
     raise WorkdirError(f"output folder {out} cannot be written: {e.strerror or e}") from None
-  return out
 
 
 def quickstart(out_dir: str = DEFAULT_OUT, *, config: Config | str = DEFAULT_CONFIG, overrides: Sequence[str] = (),
@@ -188,65 +193,89 @@ def quickstart(out_dir: str = DEFAULT_OUT, *, config: Config | str = DEFAULT_CON
     log: called with a one-line message at each stage (the CLI prints them).
 
   Returns:
-    A `QuickstartResult`.
+    A `QuickstartResult` (with `stopped` set when SIGTERM/SIGINT stopped a run: the runs after it are not
+    started).
 
   Raises:
-    WorkdirError: `out_dir` is not empty and not an earlier quickstart's; and the `Trainer`'s errors.
+    WorkdirError: `out_dir` is not empty and not an earlier quickstart's, or another process is running a
+      quickstart into it; and the `Trainer`'s errors.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from repopt_jax.models import RepOptVGG, count_params  # pylint: disable=g-import-not-at-top
-  from repopt_jax.runs import write_run_config  # pylint: disable=g-import-not-at-top
-  from repopt_jax import search as search_lib  # pylint: disable=g-import-not-at-top
-  from repopt_jax.train import Trainer, read_jsonl  # pylint: disable=g-import-not-at-top
+  from repopt_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
-  say = log or (lambda msg: None)
   start = time.perf_counter()
   load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # shared cores make images/s noisy
   base = config if isinstance(config, Config) and not overrides else load_config(config, overrides)
-  out = _prepare_out(out_dir)
-  kw = dict(progress=progress, tensorboard=tensorboard, compiler_options=compiler_options)
+  out = RunDir(out_dir)
+  _check_out(out)
+  out.create()
+  mesh_lib.maybe_initialize_distributed()  # process 0 (of every process of the run) locks the output folder
+  with out.lock() if jax.process_index() == 0 else contextlib.nullcontext():
+    _prepare_out(out)
+    return _run_all(out, base, dict(progress=progress, tensorboard=tensorboard, compiler_options=compiler_options),
+                    log or (lambda msg: None), start, load)
+
+
+def _run_all(out: RunDir, base: Config, kw: dict, say: Callable[[str], None], start: float,
+             load: Optional[float]) -> QuickstartResult:
+  """The four runs, then the table, the curves and the result files."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from repopt_jax.models import RepOptVGG, count_params  # pylint: disable=g-import-not-at-top
+  from repopt_jax import search as search_lib  # pylint: disable=g-import-not-at-top
+  from repopt_jax.train import Trainer, read_jsonl  # pylint: disable=g-import-not-at-top
+
   rows, curves = [], []
 
+  def stopped(stage: str, metrics: dict) -> QuickstartResult:
+    signal_name = metrics.get("signal") or "SIGTERM"
+    say(f"stopped by {signal_name} during {stage}; the runs after it were not started")
+    return QuickstartResult(rows=rows, table="", files={}, seconds=time.perf_counter() - start,
+                            stopped={"signal": signal_name, "exit_status": int(metrics.get("exit_status", 143)),
+                                     "stage": stage})
+
   def row(run: _Run, trainer: Trainer, metrics: dict, seconds: float) -> dict:
-    records = read_jsonl(os.path.join(trainer.workdir, "metrics.jsonl"))
+    records = read_jsonl(trainer.run_dir.metrics_file)
     # Every model deploys as the plain target network: RepVGG after `reparam.fuse_repvgg`, Hyper-Search's
     # CSLA model after `reparam.target_from_csla` (both exact). Its size needs only the abstract model.
     c = trainer.config
-    plain = nnx.eval_shape(lambda: RepOptVGG(c.model.arch, "target", num_classes=trainer.num_classes,
-                                             in_channels=trainer.spec.channels, rngs=nnx.Rngs(0)))
+    plain = nnx.eval_shape(lambda: RepOptVGG(c.model.arch, "target", num_classes=trainer.run.num_classes,
+                                             in_channels=trainer.run.in_channels, rngs=nnx.Rngs(0)))
     return {"key": run.key, "name": run.name, "mode": c.model.mode, "optimizer": c.optim.name,
             "eval_top1": float(metrics["eval_top1"]), "images_per_sec": steady_images_per_sec(records),
             "params_train": int(trainer.summary["params"]), "params_inference": int(count_params(plain)),
             "train_seconds": float(seconds), "steps": int(metrics["step"]), "workdir": trainer.workdir}
 
-  say(f"[1/4] Hyper-Search: {base.model.arch} in mode 'hs' on {base.data.dataset} -> {os.path.join(out, _HS.key)}")
+  stage = "[1/4] Hyper-Search"
+  say(f"{stage}: {base.model.arch} in mode 'hs' on {base.data.dataset} -> {out.join(_HS.key)}")
   t0 = time.perf_counter()
-  hs_config = base.replace(*HS_OVERRIDES)
-  write_run_config(hs_config, os.path.join(out, _HS.key))
-  found = search_lib.search(hs_config, os.path.join(out, _HS.key), plots=False, **kw)
+  found = search_lib.search(base.replace(*HS_OVERRIDES), out.join(_HS.key), plots=False, **kw)
+  if found.metrics.get("preempted"):
+    return stopped(stage, found.metrics)
   hs_seconds = time.perf_counter() - t0
   rows.append(row(_HS, found.trainer, found.metrics, hs_seconds))
-  curves.append(("Hyper-Search (hs)", os.path.join(out, _HS.key), ":"))
+  curves.append(("Hyper-Search (hs)", out.join(_HS.key), ":"))
   main_process = jax.process_index() == 0  # every process trains; one writes the reports
   if main_process:
-    search_lib.plot_scales(found.scales, out, title=f"Hyper-Search scales, {base.model.arch} on {base.data.dataset}")
+    search_lib.plot_scales(found.scales, out.path, title=f"Hyper-Search scales, {base.model.arch} on {base.data.dataset}")
 
   for i, run in enumerate(RUNS, start=2):
     cfg = base.replace(*(o.format(scales=found.scales_path) for o in run.overrides))
-    workdir = os.path.join(out, run.key)
-    say(f"[{i}/4] {run.name}: mode {cfg.model.mode!r}, optimizer {cfg.optim.name!r} -> {workdir}")
+    workdir, stage = out.join(run.key), f"[{i}/4] {run.name}"
+    say(f"{stage}: mode {cfg.model.mode!r}, optimizer {cfg.optim.name!r} -> {workdir}")
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, workdir, **kw)
-    write_run_config(cfg, workdir)  # `repopt-jax eval/fuse --workdir` work on the run folders
+    # config.json: `repopt-jax eval/fuse --workdir` work on the run folders.
+    trainer = Trainer(cfg, workdir, write_config=True, **kw)
     metrics = trainer.fit()
+    if metrics.get("preempted"):
+      return stopped(stage, metrics)
     seconds = time.perf_counter() - t0
     rows.append(row(run, trainer, metrics, seconds))
     curves.append((run.name, workdir, "-"))
 
   title = (f"RepOpt-VGG-{base.model.arch} on {base.data.dataset}: {rows[-1]['steps']} steps, batch "
            f"{base.train.batch_size}, seed {base.train.seed}")
-  curves_path = os.path.join(out, "curves.png")
+  curves_path = out.join("curves.png")
   if main_process:
     plot_curves(curves, curves_path, title=title)
   table = format_table(rows)
@@ -256,16 +285,16 @@ def quickstart(out_dir: str = DEFAULT_OUT, *, config: Config | str = DEFAULT_CON
          "devices": f"{len(devices)} x {devices[0].platform}:{devices[0].device_kind}",
          "cpu_count": os.cpu_count(), "load_average_at_start": load, "python": platform.python_version(),
          "jax": jax.__version__}
-  files = {"markdown": os.path.join(out, "results.md"), "json": os.path.join(out, "results.json"),
+  files = {"markdown": out.join("results.md"), "json": out.join("results.json"),
            "curves": curves_path, "scales": found.scales_path,
-           "scales_distribution": os.path.join(out, search_lib.DISTRIBUTION_PNG),
-           "identity_variance_ratio": os.path.join(out, search_lib.IDENTITY_PNG)}
+           "scales_distribution": out.join(search_lib.DISTRIBUTION_PNG),
+           "identity_variance_ratio": out.join(search_lib.IDENTITY_PNG)}
   if main_process:
     with open(files["json"], "w", encoding="utf-8") as f:
       json.dump({"rows": rows, "config": base.to_dict(), "scales_metadata": found.metadata, "environment": env,
                  "seconds": seconds}, f, indent=2)
     with open(files["markdown"], "w", encoding="utf-8") as f:
-      f.write(_markdown(base, table, env, seconds, files, out))
+      f.write(_markdown(base, table, env, seconds, files, out.path))
   say(f"done in {seconds:.0f} s; results in {out}")
   return QuickstartResult(rows=rows, table=table, files=files, seconds=seconds)
 

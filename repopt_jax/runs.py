@@ -1,7 +1,7 @@
 """A run's work directory after training: its config, evaluating it, and fusing a RepVGG run for deployment.
 
-A run started by the CLI (or `write_run_config`) keeps its resolved config in `<workdir>/config.json`, so
-later commands need only the directory:
+A run started by the CLI (or a `Trainer` with `write_config=True`) keeps its resolved config in
+`<workdir>/config.json` (the layout: `repopt_jax.rundir`), so later commands need only the directory:
 
     from repopt_jax import runs
     runs.evaluate_run('/tmp/run')                       # {'eval_top1': ..., 'step': ...}
@@ -10,39 +10,21 @@ later commands need only the directory:
     model, config = runs.load_model('/tmp/run')         # the trained nnx model (eval mode), for your own code
 
 Reading a run (`load_model`, `evaluate_run`, `fuse_run`'s source) is read-only: nothing is created, renamed
-or deleted in it, and it works on a read-only mount.
+or deleted in it, no lock is taken, and it works on a read-only mount. `fuse_run` writes its output run under
+that run's lock.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
 
-from repopt_jax.config import Config, ConfigError, load_config
+from repopt_jax.config import Config, ConfigError, WorkdirError, load_config
+from repopt_jax.rundir import CONFIG_FILE, RunDir
 
-__all__ = ["CONFIG_FILE", "write_run_config", "read_run_config", "load_model", "evaluate_run", "fuse_run"]
-
-CONFIG_FILE = "config.json"
-
-
-def write_run_config(config: Config, workdir: str) -> str:
-  """Writes the resolved config to `<workdir>/config.json` (process 0 only); returns the path."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from repopt_jax.train import WorkdirError  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
-  if jax.process_index() == 0:
-    try:
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2)
-      os.replace(path + ".tmp", path)
-    except OSError as e:
-      raise WorkdirError(f"work directory {os.path.dirname(path)} cannot be written: {e.strerror or e}") from None
-  return path
+__all__ = ["CONFIG_FILE", "read_run_config", "load_model", "evaluate_run", "fuse_run"]
 
 
 def read_run_config(workdir: str, overrides: Sequence[str] = ()) -> Config:
@@ -51,24 +33,7 @@ def read_run_config(workdir: str, overrides: Sequence[str] = ()) -> Config:
   Raises:
     WorkdirError: the directory holds no `config.json` (not a run started by the CLI).
   """
-  from repopt_jax.config import WorkdirError  # pylint: disable=g-import-not-at-top
-
-  path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise WorkdirError(f"{workdir} holds no {CONFIG_FILE} (not a run directory written by repopt_jax); give the "
-                       "run's config explicitly")
-  return load_config(path, overrides)
-
-
-def _run_dir(workdir: str) -> str:
-  from repopt_jax.config import WorkdirError  # pylint: disable=g-import-not-at-top
-
-  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-  if not os.path.exists(path):
-    raise WorkdirError(f"run directory {workdir} does not exist")
-  if not os.path.isdir(path):
-    raise WorkdirError(f"run directory {workdir} is not a directory (give the folder a run was trained in)")
-  return path
+  return RunDir(workdir).read_config(overrides)
 
 
 def _model_dims(config: Config, meta: Optional[dict]) -> tuple[int, int, int]:
@@ -95,13 +60,12 @@ def _read_meta_only(ckpt, step: Optional[int]) -> Optional[dict]:
 def _open_run(workdir: str, config, overrides, step: Optional[int], compiler_options=None, mesh=None):
   """`(run, params, batch_stats, step, path)`: a run's eval-only `build_run` with its checkpoint restored
   (replicated over the run's mesh), opened read-only."""
-  from repopt_jax.config import WorkdirError  # pylint: disable=g-import-not-at-top
-
-  path = _run_dir(workdir)
-  config = _resolve_config(workdir, config, overrides)
+  run_dir = RunDir(workdir).check_exists()
+  path = run_dir.path
+  config = _resolve_config(run_dir, config, overrides)
   from repopt_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
   from repopt_jax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
-  ckpt = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
+  ckpt = Checkpointer(run_dir.checkpoints, read_only=True)
   try:
     if not ckpt.steps:
       raise WorkdirError(f"{path} holds no checkpoint (train it first)")
@@ -153,7 +117,7 @@ def load_model(workdir: str, config: Config | str | None = None, *, overrides: S
 
 def _resolve_config(workdir, config, overrides) -> Config:
   if config is None:
-    return read_run_config(workdir, overrides)
+    return RunDir(workdir).read_config(overrides)
   if not isinstance(config, Config) or overrides:
     return load_config(config, overrides)
   return config
@@ -175,7 +139,7 @@ def evaluate_run(workdir: str, config: Config | str | None = None, *, overrides:
   Raises:
     WorkdirError: no such directory, no config, or no checkpoint. CheckpointError: none can be read.
   """
-  _run_dir(workdir)  # a mistyped path or a missing config fails before jax is imported
+  RunDir(workdir).check_exists()  # a mistyped path or a missing config fails before jax is imported
   config = _resolve_config(workdir, config, overrides)
   from repopt_jax.models import count_params  # pylint: disable=g-import-not-at-top
   from repopt_jax.train.build import evaluate  # pylint: disable=g-import-not-at-top
@@ -202,9 +166,11 @@ def fuse_run(workdir: str, out_dir: str, config: Config | str | None = None, *, 
   """Structural re-parameterization of a trained RepVGG run into a plain (target-mode) run directory.
 
   Every multi-branch block becomes one 3x3 conv (`repopt_jax.models.reparam.fuse_repvgg`); the result is
-  saved as a checkpoint (same step) in `out_dir` with a target-mode config, so `evaluate_run(out_dir)` (or
-  `repopt-jax eval`) and further training work on it. The largest difference between the two models'
-  logits on one test batch is reported.
+  saved as a checkpoint (same step, a fresh optimizer state, no data position) in `out_dir` with a
+  target-mode config, so `evaluate_run(out_dir)` (or `repopt-jax eval`) and further training (`train
+  --workdir out_dir`, which derives the data position from the step) work on it. The source run is only
+  read; `out_dir` is written under its lock. The largest difference between the two models' logits on one
+  test batch is reported.
 
   Args:
     workdir: a run directory whose config has `model.mode` 'repvgg'.
@@ -217,42 +183,31 @@ def fuse_run(workdir: str, out_dir: str, config: Config | str | None = None, *, 
     `{'step', 'params_train', 'params_deploy', 'max_abs_logit_diff', 'max_abs_logit', 'out_dir'}`.
 
   Raises:
-    ConfigError: the run is not a RepVGG run. WorkdirError: no checkpoint, or `out_dir` already holds one.
+    ConfigError: the run is not a RepVGG run. WorkdirError: no checkpoint, `out_dir` already holds one, or
+    another process holds `out_dir`.
   """
-  _run_dir(workdir)  # a mistyped path, or a run of another mode, fails before jax is imported
-  config = _resolve_config(workdir, config, overrides)
-  if config.model.mode != "repvgg":
+  source_dir, out = RunDir(workdir).check_exists(), RunDir(out_dir)
+  config = _resolve_config(source_dir, config, overrides)  # a mistyped path, or a run of another mode, fails
+  if config.model.mode != "repvgg":                         # before jax is imported
     already = {"target": "a target-mode run is already plain",
                "csla": "a csla run's branches have constant scales; its plain model is trained by a RepOptimizer",
                "hs": "a Hyper-Search run gives scales (search), not a model to deploy"}.get(config.model.mode, "")
     raise ConfigError(f"fuse turns a RepVGG run into a plain model, but {workdir} has 'model.mode' = "
                       f"{config.model.mode!r}" + (f" ({already})" if already else ""))
+  if out == source_dir:
+    raise WorkdirError(f"fuse: the output directory must differ from the run directory {workdir}")
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from repopt_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from repopt_jax.models import count_params, reparam  # pylint: disable=g-import-not-at-top
-  from repopt_jax.train import Trainer, WorkdirError, split_model  # pylint: disable=g-import-not-at-top
-  from repopt_jax.train.mesh import put_replicated  # pylint: disable=g-import-not-at-top
 
-  if os.path.abspath(os.path.expanduser(out_dir)) == os.path.abspath(os.path.expanduser(workdir)):
-    raise WorkdirError(f"fuse: the output directory must differ from the run directory {workdir}")
-  run, src_params, src_stats, step, _ = _open_run(workdir, config, (), None, compiler_options)
+  run, src_params, src_stats, step, _ = _open_run(source_dir, config, (), None, compiler_options)
   source = nnx.merge(run.graphdef, src_params, src_stats, run.rest)
   source.eval()
   fused = reparam.fuse_repvgg(source)
-
-  # The deploy run: the same config as a plain model (a RepVGG run's optimizer is a plain one already); saved
-  # synchronously so that the checkpoint is complete when this returns.
-  deploy_config = config.replace("model.mode=target", "scales=null", "train.async_checkpointing=false")
-  deploy = Trainer(deploy_config, out_dir, progress=False, tensorboard=False, compiler_options=compiler_options)
-  if deploy.restore() is not None:
-    raise WorkdirError(f"{deploy.workdir} already holds a checkpoint; fuse into an empty directory")
-  _, params, batch_stats, _ = split_model(fused)
-  deploy.state = deploy.state._replace(
-      step=put_replicated(np.asarray(step, np.int32), deploy.mesh),
-      params=put_replicated(params, deploy.mesh), batch_stats=put_replicated(batch_stats, deploy.mesh))
-  deploy.save()
-  write_run_config(deploy_config, out_dir)
+  # The same config as a plain model: a RepVGG run's optimizer is a plain one already.
+  deploy_config = config.replace("model.mode=target", "scales=null")
+  _write_fused_run(out, deploy_config, fused, step, run, compiler_options)
 
   d = config.data
   batch = next(iter(data_lib.make_iterator(d.dataset, d.eval_split, global_batch_size=run.eval_batch_size,
@@ -262,4 +217,32 @@ def fuse_run(workdir: str, out_dir: str, config: Config | str | None = None, *, 
   a, b = (np.asarray(_logits(m, x, compiler_options), np.float64) for m in (source, fused))
   return {"step": step, "params_train": count_params(source), "params_deploy": count_params(fused),
           "max_abs_logit_diff": float(np.max(np.abs(a - b))), "max_abs_logit": float(np.max(np.abs(a))),
-          "out_dir": deploy.workdir}
+          "out_dir": out.path}
+
+
+def _write_fused_run(out: RunDir, config: Config, fused, step: int, source_run, compiler_options) -> None:
+  """Writes the fused model as a run: a checkpoint of `step` (synchronously: complete when this returns),
+  then its `config.json`; under the output run's lock, into a folder that holds no checkpoint."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from repopt_jax.train.build import build_run  # pylint: disable=g-import-not-at-top
+  from repopt_jax.train.checkpoint import Checkpointer, run_meta  # pylint: disable=g-import-not-at-top
+  from repopt_jax.train.state import split_model  # pylint: disable=g-import-not-at-top
+
+  # The train state of a plain run (its optimizer state is what a further training run resumes), holding the
+  # fused params and statistics.
+  deploy = build_run(config, mesh=source_run.mesh, dims=source_run.dims, compiler_options=compiler_options)
+  _, params, batch_stats, _ = split_model(fused)
+  state = deploy.state._replace(step=np.asarray(step, np.int32), params=params, batch_stats=batch_stats)
+  main = jax.process_index() == 0
+  out.check_not_a_file().create()
+  with out.lock() if main else contextlib.nullcontext():  # other processes write under process 0's lock
+    ckpt = Checkpointer(out.checkpoints, async_save=False)
+    try:
+      if ckpt.steps:
+        raise WorkdirError(f"{out.path} already holds a checkpoint; fuse into an empty directory")
+      ckpt.save(step, state, None, run_meta(config, deploy.dims, None))
+    finally:
+      ckpt.close()
+    if main:
+      out.write_config(config)
+

@@ -202,7 +202,7 @@ def test_bad_input_is_one_clear_line(ddir, tmp_path, capsys):
   assert code == 0 and "--scales FILE" in out and "python -m repopt_jax train digits_tiny --scales" in out
 
 
-def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_path, capsys):
+def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_path, capsys, caplog):
   out = tmp_path / "qs"
   messages = []
   # 15 steps without warm-up: enough to beat chance (0.1) clearly. Measured test accuracy of the four runs (hs,
@@ -249,6 +249,12 @@ def test_quickstart_library_entry_then_fuse_and_eval_its_repvgg_run(ddir, tmp_pa
   after = _eval_json(capsys, deploy)
   assert after["step"] == 15 and after["mode"] == "target" and after["params"] == plain
   assert after["eval_top1"] == pytest.approx(rows["repvgg"]["eval_top1"], abs=1.5 / 360)  # one image may flip
+  # The fused run is a run like any other (written without a trainer): `train --workdir` resumes it from its
+  # own config.json, deriving the data position from the step (a fused checkpoint holds none).
+  caplog.clear()
+  code, out, err = _run(capsys, ["train", "--workdir", deploy, "train.steps=17", *QUIET])
+  assert code == 0 and "tiny (target, sgd): step 17" in out, err[-3000:]
+  assert "resumed from step 15 of 17" in caplog.text + err and "holds no data position" in caplog.text + err
 
   # A folder the quickstart did not write is refused before anything runs.
   other = tmp_path / "other"

@@ -108,3 +108,23 @@ def test_search_refuses_a_config_that_is_not_hyper_search(tmp_path):
   with pytest.raises(ConfigError, match=r"'model.mode' = 'target'.*model.mode=hs"):
     search("digits_tiny", str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # nothing was created
+
+
+def test_the_search_command_validates_before_it_writes_anything(tmp_path, tmp_path_factory, capsys):
+  """Before: `search` wrote WORKDIR/config.json first, so a refused search left a run directory behind."""
+  from repopt_jax.cli import main  # pylint: disable=g-import-not-at-top
+  from test_train_common import digits_dir  # pylint: disable=g-import-not-at-top
+
+  ddir = digits_dir(tmp_path_factory)
+  cases = [
+      (["digits_tiny"], "'model.mode' = 'target'"),                       # not a Hyper-Search config
+      (["digits_tiny_hs", "train.batch_size=2000", "train.eval_batch_size=8"], "larger than the 1437 examples"),
+      (["digits_tiny_hs", "data.train_split=validation"], "has no split 'validation'"),
+      (["digits_tiny_hs", "optim.lr=NaN"], "'optim.lr' = nan is not a finite number"),
+  ]
+  for i, (items, message) in enumerate(cases):
+    work = tmp_path / f"w{i}" / "hs"
+    code = main(["search", *items, f"data.data_dir={ddir}", "--workdir", str(work), "--no-progress"])
+    _, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and message in err, (items, err)
+    assert not os.path.exists(tmp_path / f"w{i}"), items  # no directory, no config.json

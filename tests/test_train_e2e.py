@@ -39,11 +39,13 @@ def test_digits_train_then_eval(ddir, tmp_path):
   assert metrics["eval_top1"] > 0.85, metrics
   assert metrics["eval_top5"] > 0.98 and metrics["eval_top1"] <= metrics["eval_top5"], metrics
   # Compiled once for 66 steps (and once for the 6 eval batches): no retracing on the hot path.
-  assert trainer.train_step.traces == 1 and trainer.eval_step.traces == 1
+  assert trainer.run.train_step.traces == 1 and trainer.run.eval_step.traces == 1
 
   records = read_jsonl(os.path.join(work, "metrics.jsonl"))
   summary = [r for r in records if r["kind"] == "summary"][0]
   assert summary["params"] == count_params(trainer.model()) == 37362
+  # The banner names the family: a plain-SGD target model is the VGG baseline (it said "RepOpt-VGG" for any run).
+  assert summary["family"] == "VGG" and summary["text"].startswith("VGG tiny (target), 0.037M params")
   assert summary["macs_per_image"] == flops("tiny", 32, 10, in_channels=1)
   train = [r for r in records if r["kind"] == "train"]
   assert [r["step"] for r in train] == [11, 22, 33, 44, 55, 66]
@@ -57,7 +59,7 @@ def test_digits_train_then_eval(ddir, tmp_path):
   assert os.path.isdir(os.path.join(work, "checkpoints", "66"))
   again = trainer.fit()
   assert again["step"] == 66 and again["eval_top1"] == pytest.approx(metrics["eval_top1"])
-  assert trainer.train_step.traces == 1
+  assert trainer.run.train_step.traces == 1
   # The same workdir with an incompatible config is refused, and its checkpoint left alone.
   other = Trainer("digits_tiny", work, overrides=[f"data.data_dir={ddir}", "train.batch_size=32"], progress=False)
   with pytest.raises(ConfigError, match="holds checkpoints of another run: 'train.batch_size' is 64 there"):
@@ -101,8 +103,8 @@ def _evaluate_by_hand(trainer) -> dict:
   graphdef, state = nnx.split(trainer.model())
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
   out = {"top1": 0, "top5": 0, "loss": 0.0, "count": 0}
-  for batch in data.make_iterator(c.data.dataset, c.data.eval_split, global_batch_size=trainer.eval_batch_size,
-                                  train=False, seed=int(c.train.seed), image_size=trainer.image_size,
+  for batch in data.make_iterator(c.data.dataset, c.data.eval_split, global_batch_size=trainer.run.eval_batch_size,
+                                  train=False, seed=int(c.train.seed), image_size=trainer.run.image_size,
                                   data_dir=c.data.data_dir, num_epochs=1, process_index=0, process_count=1,
                                   dtype=c.train.compute_dtype):
     logits = np.asarray(forward(state, batch["image"]), np.float64)

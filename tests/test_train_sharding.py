@@ -39,7 +39,7 @@ def test_eight_devices_match_one_device(ddir, tmp_path):
   for n in (8, 1):
     trainer = Trainer("digits_tiny", str(tmp_path / f"dev{n}"), overrides=_overrides(ddir),
                       devices=jax.devices()[:n], progress=False, compiler_options=FAST)
-    assert trainer.mesh.size == n
+    assert trainer.run.mesh.size == n
     initial = initial or host_params(trainer.state)
     metrics = trainer.fit(evaluate=False)
     results[n] = (host_params(trainer.state), metrics)

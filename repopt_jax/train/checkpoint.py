@@ -22,6 +22,7 @@ once for a synchronous save; the previous checkpoints stay as they were.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import warnings
@@ -32,10 +33,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from repopt_jax.rundir import free_name, resolve
 from repopt_jax.train import mesh as mesh_lib
 from repopt_jax.train.state import TrainState
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointWarning", "checksums"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointWarning", "checksums", "run_meta"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,51 @@ class _Unreadable(Exception):
   """A checkpoint failed a check; `reason` says which."""
 
 
+def run_meta(config, dims: dict, scales_fingerprint: Optional[str], train: Optional[dict] = None) -> dict:
+  """The `meta` item of a run's checkpoint: what restoring (and checking "the same run") needs besides arrays.
+
+  Args:
+    config: the run's `Config` (its keys are compared on resume).
+    dims: `{'num_classes', 'in_channels', 'image_size'}` (the model is rebuilt from them without the dataset).
+    scales_fingerprint: the SHA-256 of the run's scales, or None.
+    train: the metrics of the last log record (`train_loss`, ...), reported again by a finished run.
+  """
+  return {"config": config.to_dict(), "train": dict(train or {}), "model": dict(dims),
+          "scales_sha256": scales_fingerprint}
+
+
+class _EveryReadAwaited(ocp.type_handlers.NumpyHandler):
+  """orbax's NumPy array handler, reading each array in a task of its own and awaiting every one of them.
+
+  orbax reads all arrays of a checkpoint in one `asyncio.gather`, on an event loop that it closes as soon as
+  the gather ends. When an unreadable checkpoint makes several reads fail, the gather ends at the first
+  failure: the reads still in flight either finish with an exception nobody retrieves (asyncio prints "Task
+  exception was never retrieved" with a traceback when they are collected, at an arbitrary later moment,
+  often at exit) or call back into the closed loop ("Event loop is closed"). Gathering the per-array reads
+  with `return_exceptions=True` ends only when every read has ended, and retrieves every exception; the first
+  one is raised, as before.
+  """
+
+  async def deserialize(self, infos, args=None):
+    args = args or [ocp.RestoreArgs()] * len(infos)
+    parent = super()
+    results = await asyncio.gather(*(parent.deserialize([info], [arg]) for info, arg in zip(infos, args)),
+                                   return_exceptions=True)
+    for r in results:
+      if isinstance(r, BaseException):
+        raise r
+    return [r[0] for r in results]
+
+
+def _type_handlers():
+  """The arrays of a checkpoint are NumPy host copies (`mesh_lib.to_host`): one handler reads and writes them."""
+  th = ocp.type_handlers
+  scalar = th.ScalarHandler()
+  return th.create_type_handler_registry((int, scalar), (float, scalar), (np.number, scalar),
+                                         (np.ndarray, _EveryReadAwaited()), (jax.Array, th.ArrayHandler()),
+                                         (str, th.StringHandler()))
+
+
 class Checkpointer:
   """Saves and restores `(TrainState, data iterator, metadata)` in a directory, keeping the last `keep`.
 
@@ -84,7 +131,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = resolve(directory)
     self.read_only = read_only
     if read_only:
       self._options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
@@ -97,8 +144,8 @@ class Checkpointer:
 
   def _handlers(self) -> dict:
     import grain  # pylint: disable=g-import-not-at-top
-    return {"state": ocp.PyTreeCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler()}
+    return {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers()),
+            "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
 
   @property
   def manager(self) -> Optional[ocp.CheckpointManager]:
@@ -130,7 +177,8 @@ class Checkpointer:
 
     The state is copied to host memory first (it is replicated, so this is the whole state): the caller may
     donate or overwrite its device buffers right after, and writing runs in the background. The CRC32 of
-    every array's host bytes goes into the metadata and is verified on restore.
+    every array's host bytes goes into the metadata and is verified on restore. Without a data iterator
+    (a fused deployment run) no data position is saved: a run resumed from it derives it from the step.
 
     Raises:
       CheckpointError: this save (when synchronous) or an earlier background save failed.
@@ -142,9 +190,10 @@ class Checkpointer:
     self.wait()  # the previous background save must have succeeded (orbax would wait for it anyway)
     host = mesh_lib.to_host(state._asdict() if isinstance(state, TrainState) else state)
     meta = dict(meta or {}, step=int(step), checksums=checksums(host))
-    args = ocp.args.Composite(state=ocp.args.PyTreeSave(host),
-                              data=grain.checkpoint.CheckpointSave(data_iterator),
-                              meta=ocp.args.JsonSave(meta))
+    items = dict(state=ocp.args.PyTreeSave(host), meta=ocp.args.JsonSave(meta))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    args = ocp.args.Composite(**items)
     self._in_flight = int(step)
     try:
       saved = self.manager.save(int(step), args=args, force=force)
@@ -287,6 +336,9 @@ class Checkpointer:
 
   def _restore_data(self, step: int, data_iterator, rederive) -> None:
     import grain  # pylint: disable=g-import-not-at-top
+    if rederive is not None and not os.path.isdir(os.path.join(self.directory, str(step), "data")):
+      rederive(step, "the checkpoint holds no data position (a fused run)")
+      return
     try:
       self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except Exception as e:  # pylint: disable=broad-except
@@ -298,10 +350,7 @@ class Checkpointer:
     """Renames an unreadable step folder so that the manager no longer lists it (and can save that step)."""
     path = os.path.join(self.directory, str(step))
     if jax.process_index() == 0 and os.path.isdir(path):
-      dest, n = path + ".corrupt", 1
-      while os.path.exists(dest):
-        dest, n = f"{path}.corrupt{n}", n + 1
-      os.rename(path, dest)
+      os.rename(path, free_name(path, ".corrupt"))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"repopt_ckpt_move_aside_{step}")
@@ -314,9 +363,7 @@ class Checkpointer:
     self._reopen()
     dest = None
     if jax.process_index() == 0 and os.path.isdir(self.directory):
-      dest, n = self.directory + ".old", 1
-      while os.path.exists(dest):
-        dest, n = f"{self.directory}.old{n}", n + 1
+      dest = free_name(self.directory, ".old")
       os.rename(self.directory, dest)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

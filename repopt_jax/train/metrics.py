@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any, Mapping, Optional
 
+from repopt_jax.rundir import RunDir
+
 __all__ = ["MetricsWriter", "Progress", "read_jsonl"]
 
 
@@ -32,7 +34,7 @@ class MetricsWriter:
   """Appends metric records to `<workdir>/metrics.jsonl` and TensorBoard; does nothing when not enabled.
 
   Args:
-    workdir: the run's directory.
+    workdir: the run's directory (a path or a `RunDir`).
     enabled: False on every process but 0.
     tensorboard: also write TensorBoard event files under `<workdir>/tensorboard`.
     after_step: the step the run (re)starts from: records of later steps already in `metrics.jsonl` (written
@@ -42,8 +44,9 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
                after_step: Optional[int] = None):
+    run_dir = RunDir(workdir)
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = run_dir.metrics_file
     self._file = None
     self._tb = None
     if enabled and after_step is not None and os.path.exists(self.path):
@@ -52,7 +55,7 @@ class MetricsWriter:
       self._file = open(self.path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(logdir=run_dir.tensorboard)
 
   def write(self, kind: str, step: int, metrics: Mapping[str, Any]) -> None:
     """One record: JSON line `{"kind", "step", "time", **metrics}`; numbers also as TensorBoard scalars."""
