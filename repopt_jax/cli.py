@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 from typing import Optional, Sequence
@@ -254,6 +255,19 @@ def train_config(config, overrides: Sequence[str] = (), scales: Optional[str] = 
   return cfg, notes
 
 
+def _run_config_items(args, default: str):
+  """`(config, overrides)` of a command that trains into `--workdir`: the config named on the command line;
+  else, when the workdir is a run, its own `config.json` (the run is resumed as it was started, the
+  overrides on top); else `default`."""
+  from repopt_jax.rundir import RunDir  # pylint: disable=g-import-not-at-top
+
+  config, overrides = _split_items(args.items, args.sets, None)
+  if config is None:
+    run_dir = RunDir(args.workdir) if args.workdir else None
+    config = run_dir.config_file if run_dir is not None and run_dir.has_config else default
+  return config, overrides
+
+
 def _workdir(args, config) -> str:
   if args.workdir:
     return args.workdir
@@ -335,6 +349,11 @@ def _cmd_quickstart(args) -> int:
   result = qs.quickstart(args.out, config=config, overrides=overrides, progress=not args.no_progress,
                          tensorboard=True,
                          compiler_options=FAST_COMPILE if args.fast_compile else None, log=_say)
+  if result.stopped:
+    status = int(result.stopped["exit_status"])
+    print(f"stopped by {result.stopped['signal']} during {result.stopped['stage']} (exit status {status}); "
+          "the quickstart starts over on its next run")
+    return status
   print(result.table)
   print(f"\nwall time {result.seconds:.0f} s; table: {result.files['markdown']} and {result.files['json']}; "
         f"curves: {result.files['curves']}; scales: {result.files['scales']} (plots "
@@ -344,14 +363,11 @@ def _cmd_quickstart(args) -> int:
 
 def _cmd_search(args) -> int:
   from repopt_jax.config import load_config  # pylint: disable=g-import-not-at-top
-  from repopt_jax.runs import write_run_config  # pylint: disable=g-import-not-at-top
   from repopt_jax.search import search  # pylint: disable=g-import-not-at-top
 
-  name, overrides = _split_items(args.items, args.sets, "digits_tiny_hs")
+  name, overrides = _run_config_items(args, "digits_tiny_hs")
   config = load_config(name, overrides)
-  workdir = _workdir(args, name)
-  if config.model.mode == "hs":  # search() refuses anything else before touching the directory
-    write_run_config(config, workdir)
+  workdir = _workdir(args, name)  # search() validates everything, then writes config.json with the run
   _enable_compilation_cache(args)
   result = search(config, workdir, scales_path=args.out, plots=not args.no_plots, progress=not args.no_progress,
                   compiler_options=FAST_COMPILE if args.fast_compile else None)
@@ -372,7 +388,7 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_train(args) -> int:
-  name, overrides = _split_items(args.items, args.sets, "digits_tiny")
+  name, overrides = _run_config_items(args, "digits_tiny")
   config, notes = train_config(name, overrides, args.scales)
   from repopt_jax.train import Trainer  # pylint: disable=g-import-not-at-top
   workdir = _workdir(args, name)
@@ -577,11 +593,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   # The library's warnings (e.g. a checkpoint skipped for a checksum mismatch) in one line each.
   import warnings  # pylint: disable=g-import-not-at-top
   warnings.formatwarning = lambda message, category, *_: f"warning: {message} ({category.__name__})\n"
+  previous = _terminate_on_sigterm()
   try:
     return _HANDLERS[args.command](args)
   except KeyboardInterrupt:
     print("error: interrupted", file=sys.stderr)
     return 130
+  except _Terminated:
+    print("error: terminated (SIGTERM)", file=sys.stderr)
+    return 143
   except Exception as e:  # pylint: disable=broad-except
     if _is_user_error(e):
       text = " ".join(str(e).split()) or type(e).__name__
@@ -592,6 +612,29 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     from repopt_jax.train.mesh import _exit_now  # pylint: disable=g-import-not-at-top
     _exit_now(" ".join(str(e).split()))  # at once: jax's exit handlers would wait for the lost process
     return 2
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+  """SIGTERM outside a training loop (which saves and stops on its own): the command stops like on Ctrl-C."""
+
+
+def _terminate_on_sigterm():
+  """SIGTERM raises `_Terminated` (exit status 143, as the shell reports a process it killed), so that every
+  command ends with one line whenever the signal comes (building a run, between the quickstart's runs, ...);
+  the trainer installs its own handler while it trains. Returns the previous handler (None off the main
+  thread, where signals cannot be handled)."""
+  import threading  # pylint: disable=g-import-not-at-top
+  if threading.current_thread() is not threading.main_thread():
+    return None
+
+  def handler(signum, frame):
+    del signum, frame
+    raise _Terminated()
+
+  return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ def search(config: Config | str, workdir: str, *, overrides: Sequence[str] = (),
   """Hyper-Search: trains the `hs` model a config describes, then writes and plots its scales.
 
   Resumes from `workdir` like any `Trainer` run (a finished run only re-evaluates and rewrites the file).
+  Everything is validated before anything is written: a refused search creates no directory and no
+  `config.json`; the run's `config.json`, checkpoints, scales file and plots are written under its lock.
 
   Args:
     config: a `Config`, a shipped config name (`'cifar100_hs'`, `'digits_tiny_hs'`) or a JSON path; its
@@ -132,20 +134,24 @@ def search(config: Config | str, workdir: str, *, overrides: Sequence[str] = (),
     raise ConfigError(f"Hyper-Search trains the 'hs' model (trainable scales), but 'model.mode' = "
                       f"{config.model.mode!r}; use a Hyper-Search config (cifar100_hs, digits_tiny_hs) or set "
                       "model.mode=hs")
-  trainer = Trainer(config, workdir, progress=progress, tensorboard=tensorboard, compiler_options=compiler_options)
-  metrics = trainer.fit(on_step=on_step)
-  model = trainer.model()
-  # Official block names for RepOpt-VGG; the kernel paths of the original model for any other one.
-  scales = registry.file_scales(config.model.arch, model)
-  metadata = scales_metadata(config, in_channels=trainer.spec.channels, num_classes=trainer.num_classes,
-                             metrics=metrics)
-  path = os.path.abspath(scales_path or os.path.join(trainer.workdir, SCALES_FILE))
-  written = []
-  if jax.process_index() == 0:  # every process holds the same (replicated) scales; one writes them
-    save_scales(path, scales, metadata)
-    if plots:
-      written = plot_scales(scales, plot_dir or trainer.workdir,
-                            title=f"Hyper-Search scales of RepOpt-VGG-{metadata['arch']} on {metadata['dataset']}")
+  # The config is written by the trainer once the run is validated, built and locked: a refused search leaves
+  # no directory behind.
+  trainer = Trainer(config, workdir, progress=progress, tensorboard=tensorboard, compiler_options=compiler_options,
+                    write_config=True)
+  with trainer.locked():  # the scales and plots go into the run directory too
+    metrics = trainer.fit(on_step=on_step)
+    model = trainer.model()
+    # Official block names for RepOpt-VGG; the kernel paths of the original model for any other one.
+    scales = registry.file_scales(config.model.arch, model)
+    metadata = scales_metadata(config, in_channels=trainer.run.in_channels, num_classes=trainer.run.num_classes,
+                               metrics=metrics)
+    path = os.path.abspath(scales_path or trainer.run_dir.join(SCALES_FILE))
+    written = []
+    if jax.process_index() == 0:  # every process holds the same (replicated) scales; one writes them
+      save_scales(path, scales, metadata)
+      if plots:
+        written = plot_scales(scales, plot_dir or trainer.workdir,
+                              title=f"Hyper-Search scales of RepOpt-VGG-{metadata['arch']} on {metadata['dataset']}")
   return SearchResult(scales_path=path, scales=scales, metadata=metadata, metrics=metrics, plots=written,
                       trainer=trainer)
 
