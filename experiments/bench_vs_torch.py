@@ -61,6 +61,7 @@ DEFAULT_OFFICIAL_CODE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "sh
 STEPS_PER_ROUND = {"cifar_tiny": 10, "tiny": 5}
 JAX_STEPS = ("documented", "trainstep", "nnx_jit")
 TORCH_STEPS = ("official", "torch")
+NOISY_SPREAD = 1.5  # slowest / fastest round of a run above which the report names the run as disturbed
 
 
 def _torch():
@@ -505,6 +506,10 @@ def main(argv=None):
   minutes = (time.perf_counter() - t_start) / 60
 
   load_end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+  # Interference from other jobs shows as rounds far apart; a median over such rounds is not a measurement.
+  noisy = [f"{r['arch']}@{r['image_size']} b{r['batch']} {key} ({min(t['rounds_wall_ms']):.1f} to "
+           f"{max(t['rounds_wall_ms']):.1f} ms)" for r in results for key, t in r["timing"].items()
+           if max(t["rounds_wall_ms"]) > NOISY_SPREAD * min(t["rounds_wall_ms"])]
   headline = _headline_trainstep(args.conv_modes)
   fmt = lambda r: (r["wall"], r["cpu"]) if r else ("-", "-")
   rows, head_rows = [], []
@@ -533,7 +538,10 @@ def main(argv=None):
       "per step, wall time and CPU time of this process (all threads). The whole run took "
       f"{minutes:.0f} min. Load average at the end: {load_end}. The machine was shared with other jobs while "
       "this ran: wall times include their interference; CPU times are less sensitive to it (but not immune: "
-      "cache and memory bandwidth are shared too).", "",
+      "cache and memory bandwidth are shared too). "
+      + (f"Runs whose rounds spread by more than {NOISY_SPREAD}x (interference: re-run those cases on a quiet "
+         f"machine): {'; '.join(noisy)}." if noisy else
+         f"No run's rounds spread by more than {NOISY_SPREAD}x."), "",
       "`repopt`: conv3x3-BN-ReLU network + RepOpt-SGD (Grad Mult, Nesterov 0.9, coupled weight decay 4e-5). "
       "`repvgg`: RepVGG's training-time blocks + the same SGD without the Grad Mult. Steps: the README's "
       "`repopt_jax.nnx_train_step` (one `jax.jit` over the `nnx.split` state, donated; the default conv "
@@ -554,7 +562,7 @@ def main(argv=None):
   config["torch_threads"] = threads
   write_markdown(out_stem + ".md", "JAX vs PyTorch train step on the same CPU", info, config, "\n".join(body))
   write_json(out_stem + ".json", {"info": vars(info), "config": config, "torch": torch.__version__,
-                                  "minutes": minutes, "results": results})
+                                  "minutes": minutes, "noisy_runs": noisy, "results": results})
   print("\n".join(body[4:]))
   print(f"wrote {out_stem}.md and {out_stem}.json")
   return results

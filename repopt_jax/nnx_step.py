@@ -2,7 +2,8 @@
 
 `@nnx.jit` with `nnx.Optimizer` walks the model's and the optimizer's object graphs in Python on every call
 (split them into state, call the compiled function, merge the results back), which on a small CNN on a CPU
-costs about as much as the step itself (experiments/bench_vs_torch.py times both). `nnx_train_step` splits
+costs most of the step's own time again (cifar_tiny, batch 32, 2 cores: 1.6 to 1.8 times as long per step;
+experiments/results/bench_vs_torch.md). `nnx_train_step` splits
 the model once, into its graph definition and pure arrays, and compiles a function of arrays only:
 
 .. math::
@@ -50,8 +51,12 @@ def nnx_train_step(model: nnx.Module, tx: optax.GradientTransformation, loss_fn:
     loss_fn: `loss_fn(model, *batch) -> loss`, a scalar (`-> (loss, aux)` with `has_aux`).
     wrt: the filter of the trained variables (as in `nnx.Optimizer`).
     has_aux: `loss_fn` returns `(loss, aux)`; the step then returns `(state, (loss, aux))`.
-    donate: donate the state to the step (XLA reuses its buffers in place); a donated state must not be
-      used again.
+    donate: donate the state to the step (XLA reuses its buffers in place: one copy of the params and the
+      optimizer state in memory instead of two); a donated state must not be used again. On XLA's CPU
+      backend donation costs time: XLA copies each donated conv kernel before updating it in place (its
+      other readers, such as the transposed kernel of the input gradient, are not ordered before the
+      update), and a RepOpt-VGG step without it was 4% (cifar_tiny, batch 32) to 11% (B1 at 64 px, batch
+      8) faster on 2 cores. `donate=False` is the faster choice there when memory is not tight.
 
   Returns:
     `(step, state)`: `step(state, *batch) -> (new_state, loss_fn's output)`, compiled once per batch
