@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from repopt_jax import rules
+from repopt_jax import block, rules
 from repopt_jax.paths import path_str  # noqa: F401  (re-exported: the one path naming of the package)
 from repopt_jax.scales import CSLAScales, ScalesError
 
@@ -87,14 +87,6 @@ def _prefixes(name: str):
     yield "/".join(parts[:i])
 
 
-def _bias_kernel(name: str) -> Optional[str]:
-  """The kernel whose scales a conv bias takes: 'conv/bias' -> 'conv/kernel' (the rule of csla.scales_tree)."""
-  head, _, last = name.rpartition("/")
-  if last != "bias":
-    return None
-  return f"{head}/kernel" if head else "kernel"
-
-
 def _nearest(name: str, candidates: Sequence[str]) -> str:
   """A hint naming the real parameter path a wrong scales path most likely meant ('' when none is close)."""
   rooted = [c for c in candidates if c.endswith("/" + name)]
@@ -127,15 +119,13 @@ def _match_leaves(by_path: Mapping[str, Optional[CSLAScales]], tree) -> List[Opt
     more = f"; {len(unmatched)} such entries" if len(unmatched) > 1 else ""
     raise ScalesError(f"scales do not match the params: {name!r} is not a parameter"
                       f"{_nearest(name, names)}{more}")
+  # A conv's bias takes its kernel's scales unless the scales name it (block.bias_path: the one statement of it).
+  bias_scales = {b: s for k, s in by_path.items() if (b := block.bias_path(k)) is not None}
   out = []
   for name in names:
     s = None
     if name in shapes:
-      if name in by_path:
-        s = by_path[name]
-      else:
-        kernel = _bias_kernel(name)
-        s = by_path.get(kernel) if kernel is not None else None
+      s = by_path[name] if name in by_path else bias_scales.get(name)
     if s is not None:
       # A 1-D leaf takes scales only as a conv's bias (named so): a BatchNorm scale is a mistake.
       rules.check_kernel(s, shapes[name], name, allow_bias=name.rpartition("/")[2] == "bias")
